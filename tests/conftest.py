@@ -1,0 +1,50 @@
+"""Shared fixtures: isolated tm4 instances, and network namespaces for root tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from netlab import Lab  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+IS_ROOT = os.geteuid() == 0
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+os.environ.setdefault("TM4_NO_SSH_PROTECT", "1")
+
+
+def need_root_tools(*tools: str) -> None:
+    """Skip (outside CI) or fail (in CI) when root or a program is missing."""
+    missing = [] if IS_ROOT else ["root"]
+    missing += [t for t in tools if shutil.which(t) is None]
+    if missing:
+        reason = f"needs {', '.join(missing)}"
+        if IN_CI:
+            pytest.fail(f"{reason}; CI must run every test (run `make deps` as root)")
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    need_root_tools("ip", "nft")
+    lb = Lab()
+    try:
+        yield lb
+    finally:
+        lb.close()
+
+
+@pytest.fixture
+def tm4_config(tmp_path: Path) -> Path:
+    """A config file for an isolated tm4 instance with its own state dir."""
+    cfg = tmp_path / "tm4.toml"
+    cfg.write_text(f'state_dir = "{tmp_path / "state"}"\n')
+    return cfg
