@@ -8,6 +8,7 @@ then uses it like any other. Addresses only from 192.0.2.0/24, 198.51.100.0/24,
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import itertools
@@ -150,10 +151,8 @@ class Echo:
             except (TimeoutError, OSError):
                 continue
             self.received[port] = self.received.get(port, 0) + 1
-            try:
+            with contextlib.suppress(OSError):
                 s.sendto(data, peer)
-            except OSError:
-                pass
 
     def _tcp(self, s: socket.socket) -> None:
         while not self._stop:

@@ -8,6 +8,7 @@ changes, so the two never disagree after an error.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -43,8 +44,9 @@ from .services import resolve_services
 from .store import Store
 
 Clock = Callable[[], datetime]
-# Contributors of extra rule fragments (knock stages, ...): (config, store) -> Ruleset
-RULESET_EXTRAS: list[Callable[[Config, Store], Ruleset]] = []
+# Modules that contribute rule fragments (knock stages, ...): each has
+# `ruleset_extra(config, store) -> Ruleset | None`.
+RULESET_EXTRA_MODULES = ("tm4.knock",)
 
 
 class Core:
@@ -158,6 +160,26 @@ class Core:
             self._push(_merge(wl, bans))
         return entry
 
+    def set_resolved(
+        self, name: str, resolved: dict[str, tuple[IPNetwork, ...]], stale_since: datetime | None,
+        *, actor: str = "dns", reason: str = "",
+    ) -> SetChanges:
+        """Replace what an entry's DNS names resolve to; only that entry's elements change."""
+        with self.store.transaction():
+            old = self.store.get_entry(name)
+            if old is None:
+                raise NotFoundError(f"no entry named {name!r}")
+            new = Entry(old.name, old.sources, old.services, old.origin, old.created, old.expires,
+                        old.note, dict(resolved), stale_since)
+            ch = self._wl_change(name, new, extra=old.networks())
+            self.store.put_entry(new)
+            if {k: set(v) for k, v in old.resolved.items()} != {k: set(v) for k, v in resolved.items()}:
+                self.audit("resolve", name, old.origin, actor, reason=reason,
+                           before={k: [str(n) for n in v] for k, v in old.resolved.items()},
+                           after={k: [str(n) for n in v] for k, v in resolved.items()})
+            self._push(ch)
+        return ch
+
     def revoke(self, name: str, *, origin: Origin = Origin.ADMIN, actor: str = "") -> Entry:
         with self.store.transaction():
             old = self.store.get_entry(name)
@@ -220,7 +242,15 @@ class Core:
     # -- whole rule set -----------------------------------------------------
     def render(self) -> Ruleset:
         now = self.clock()
-        extras = [make(self.config, self.store) for make in RULESET_EXTRAS]
+        extras: list[Ruleset] = []
+        for modname in RULESET_EXTRA_MODULES:
+            try:
+                module = importlib.import_module(modname)
+            except ModuleNotFoundError:
+                continue
+            extra = module.ruleset_extra(self.config, self.store)
+            if extra is not None:
+                extras.append(extra)
         return render_ruleset(self.store.entries(), self.store.bans(), self.config, now, extras)
 
     def apply(self, ruleset: Ruleset | None = None) -> Ruleset:

@@ -10,7 +10,7 @@ import json
 import os
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -112,10 +112,8 @@ class Store:
         self._db.execute("PRAGMA foreign_keys = ON")
         self._depth = 0
         self.migrate()
-        try:
+        with suppress(OSError):
             os.chmod(self.path, 0o600)
-        except OSError:
-            pass
 
     def close(self) -> None:
         self._db.close()
