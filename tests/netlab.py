@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import ipaddress
 import itertools
 import os
 import socket
@@ -201,6 +202,13 @@ class Lab:
         for a in addrs:
             h.run("ip", "addr", "add", a, "dev", "eth0", *(["nodad"] if ":" in a else []))
         h.run("ip", "link", "set", "eth0", "up")
+        # default routes via the PBX's address in the client's own subnet
+        v4 = [a for a in addrs if ":" not in a]
+        if v4:
+            gw = ipaddress.ip_interface(v4[0]).network.network_address + 1
+            h.run("ip", "route", "add", "default", "via", str(gw))
+        if any(":" in a for a in addrs):
+            h.run("ip", "-6", "route", "add", "default", "via", "2001:db8::1")
         return h
 
     def close(self) -> None:

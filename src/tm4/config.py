@@ -86,6 +86,17 @@ class DaemonConfig:
     fastagi: str = "127.0.0.1:4573"
     asterisk_group: str = "asterisk"
     notify_command: list[str] = field(default_factory=list)
+    notify_timeout: str = "10s"
+    # While this file exists, `tm4 disable` refuses to open the firewall.
+    lock_file: str = "/etc/tm4/locked"
+    # How often tm4d compares the kernel's table with what it applied.
+    drift_interval: str = "2s"
+    sweep_interval: str = "30s"
+    # Safe mode: after a boot that ended within `safe_mode_short_boot` of starting,
+    # ssh is open to everyone until `safe_mode_uptime` of uptime.
+    safe_mode: bool = True
+    safe_mode_short_boot: str = "10m"
+    safe_mode_uptime: str = "5m"
 
 
 @dataclass
@@ -191,11 +202,15 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
         if cfg.firewall.backend not in ("nft", "iptables"):
             raise ConfigError("firewall.backend must be 'nft' or 'iptables'")
         resolve_services(cfg.firewall.public_services or ["ssh"], cfg.services)
+        if not all(isinstance(a, str) and a for a in cfg.daemon.notify_command):
+            raise ConfigError("daemon.notify_command must be a list of non-empty strings (an argv)")
         rtp = cfg.rtp_range()
         if rtp and rtp[0] < 1024:
             raise ConfigError(f"firewall.rtp {cfg.firewall.rtp!r} touches ports below 1024; refused")
         for d in (cfg.guard.window, cfg.dialin.grant_ttl, cfg.dns.refresh_min, cfg.dns.refresh_max,
-                  cfg.knock.ttl, cfg.firewall.clamp, *cfg.guard.bans):
+                  cfg.knock.ttl, cfg.firewall.clamp, *cfg.guard.bans,
+                  cfg.daemon.notify_timeout, cfg.daemon.drift_interval, cfg.daemon.sweep_interval,
+                  cfg.daemon.safe_mode_short_boot, cfg.daemon.safe_mode_uptime):
             parse_duration(d)
     except ConfigError:
         raise

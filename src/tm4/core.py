@@ -46,7 +46,7 @@ from .store import Store
 Clock = Callable[[], datetime]
 # Modules that contribute rule fragments (knock stages, ...): each has
 # `ruleset_extra(config, store) -> Ruleset | None`.
-RULESET_EXTRA_MODULES = ("tm4.knock",)
+RULESET_EXTRA_MODULES = ("tm4.knock", "tm4.safemode")
 
 
 class Core:
@@ -313,7 +313,12 @@ class Core:
         return _diff(ban_items(before.values(), now), ban_items(after.values(), now))
 
     def _push(self, changes: SetChanges) -> None:
-        """Send element changes to the kernel if tm4's table is loaded there."""
+        """Send element changes to the kernel if tm4's table is loaded there.
+
+        Called inside the store transaction: if the kernel refuses, nothing is stored.
+        A refused batch (an element timed out meanwhile, drift) falls back to one full
+        apply of the new state, which is always exact.
+        """
         if not changes:
             return
         try:
@@ -321,7 +326,7 @@ class Core:
         except ApplyError:
             if not self.backend.present():
                 return  # not loaded: the store is the truth, `tm4 apply` loads it
-            raise
+            self.backend.apply(self.render(), self.clock())  # type: ignore[call-arg]
 
     def protected_sources(self) -> list[IPNetwork]:
         if self._protect is None:

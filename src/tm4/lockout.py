@@ -10,6 +10,10 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .core import Core
 
 PROC = Path("/proc")
 
@@ -105,3 +109,19 @@ def ssh_client_addresses(pid: int | None = None) -> list[str]:
             if found:
                 return found
     return found
+
+
+def check_apply_lockout(core: Core) -> None:
+    """Refuse a full apply that would stop this SSH client from opening new ssh connections."""
+    from .errors import LockoutError
+    from .rules import admits
+
+    now = core.clock()
+    entries, bans = core.entries(), core.bans()
+    for client in core.protected_sources():
+        addr = client.network_address
+        if not admits(entries, bans, core.config, now, addr, "ssh"):
+            raise LockoutError(
+                f"this rule set would shut your own SSH session from {addr} out of ssh; "
+                f"`tm4 add admin-ssh {addr} --service ssh` first, or use --force"
+            )

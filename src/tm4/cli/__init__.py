@@ -24,7 +24,7 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 
 def _register_all() -> None:
     for mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if mod.name == "common":
+        if mod.name in ("common", "__main__"):
             continue
         module = importlib.import_module(f"{__name__}.{mod.name}")
         register = getattr(module, "register", None)

@@ -60,15 +60,14 @@ def render_script(rs: Ruleset, now: datetime, carried: Mapping[str, list[str]] |
 
 
 def render_changes(ch: SetChanges, now: datetime) -> str:
-    """Element changes as one batch. A delete is preceded by an add of the same element,
-    so an element the kernel already timed out does not fail the whole batch."""
+    """Element changes as one batch: deletes first, so a piece can be re-cut in place.
+    (If the kernel timed an element out meanwhile the batch fails whole; the core
+    then falls back to a full apply.)"""
     out: list[str] = []
     for name, elems in ch.delete.items():
         texts = [e.text(ch.versions[name]) for e in elems]
         if texts:
-            joined = ", ".join(texts)
-            out.append(f"add element {FAMILY} {TABLE} {name} {{ {joined} }}")
-            out.append(f"delete element {FAMILY} {TABLE} {name} {{ {joined} }}")
+            out.append(f"delete element {FAMILY} {TABLE} {name} {{ {', '.join(texts)} }}")
     for name, elems in ch.add.items():
         texts = render_elements(ch.versions[name], elems, now)
         if texts:
