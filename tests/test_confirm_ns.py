@@ -46,9 +46,9 @@ def test_changes_after_an_unconfirmed_apply_are_rolled_back_from_the_store(lab: 
     cfg = setup(lab, tmp_path)
     tm4(cfg, "apply", "--confirm", "5")
     tm4(cfg, "add", "later", "203.0.113.0/24", "-s", "ssh")
-    assert "203.0.113.0/24" in lab.pbx.run("nft", "list", "set", "inet", "tm4", "wl4_ssh").stdout
+    assert "203.0.113.0/24" in lab.pbx.run("nft", "list", "set", "inet", "tm4", "wl4n_ssh").stdout
     assert wait_for(lambda: "later" not in tm4(cfg, "list").stdout, timeout=12)
-    assert "203.0.113.0/24" not in lab.pbx.run("nft", "list", "set", "inet", "tm4", "wl4_ssh").stdout
+    assert "203.0.113.0/24" not in lab.pbx.run("nft", "list", "set", "inet", "tm4", "wl4n_ssh").stdout
 
 
 def test_confirm_keeps_the_change(lab: Lab, tmp_path: Path) -> None:
@@ -58,7 +58,7 @@ def test_confirm_keeps_the_change(lab: Lab, tmp_path: Path) -> None:
     tm4(cfg, "confirm")
     time.sleep(6)
     assert "kept" in tm4(cfg, "list").stdout
-    assert "203.0.113.0/24" in lab.pbx.run("nft", "list", "set", "inet", "tm4", "wl4_ssh").stdout
+    assert "203.0.113.0/24" in lab.pbx.run("nft", "list", "set", "inet", "tm4", "wl4n_ssh").stdout
     assert tm4(cfg, "confirm", check=False).returncode == 1
 
 

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from tm4.config import parse_config
 from tm4.firewall.nft import render_changes, render_script
 from tm4.model import Ban, Entry, Origin, Source, parse_network
-from tm4.rules import Element, diff_elements, render_ruleset, union_elements
+from tm4.rules import Element, diff_elements, render_ruleset, state_items, union_elements
+from tm4.store import Store
 
 GOLDEN = Path(__file__).parent / "golden"
 NOW = datetime(2026, 11, 21, 12, 0, 0, tzinfo=UTC)
@@ -47,17 +48,17 @@ def sample_state() -> tuple[list[Entry], list[Ban]]:
 def test_golden_full_ruleset() -> None:
     cfg = parse_config({"firewall": {"public_services": ["https"], "rtp": "10000-20000"}})
     entries, bans = sample_state()
-    rs = render_ruleset(entries, bans, cfg, NOW)
+    rs = render_ruleset(state_items(entries, bans, NOW), cfg, NOW)
     check_golden("ruleset_basic.nft", render_script(rs, NOW))
 
 
 def test_input_chain_order_ban_first_then_established_then_deny() -> None:
     cfg = parse_config({"firewall": {"public_services": ["https"]}})
-    rs = render_ruleset([], [], cfg, NOW)
+    rs = render_ruleset({}, cfg, NOW)
     r = rs.input_rules
-    assert r[0].startswith("ip saddr @ban4") and r[1].startswith("ip6 saddr @ban6")
+    assert [x.split()[2] for x in r[:4]] == ["@ban4", "@ban4n", "@ban6", "@ban6n"]
     est = r.index("ct state established,related accept")
-    assert est > 1 and r.index('iif "lo" accept') < est
+    assert est > 3 and r.index('iif "lo" accept') < est
     assert r.index("udp dport 10000-20000 accept") > r.index("ip saddr @wl4_all accept")
     assert r[-2] == "tcp dport 443 accept" and r[-1] == "counter drop"
 
@@ -122,12 +123,28 @@ def test_diff_refreshes_changed_expiry_by_delete_then_add() -> None:
 def test_expired_entries_are_not_rendered() -> None:
     cfg = parse_config({})
     e = entry("old", ["192.0.2.9"], ("ssh",), timedelta(hours=1))
-    rs = render_ruleset([e], [], cfg, NOW + timedelta(hours=2))
+    rs = render_ruleset(state_items([e], [], NOW), cfg, NOW + timedelta(hours=2))
     assert rs.sets["wl4_ssh"].elements == ()
+    assert rs.sets["wl4_ssh"].flags == ("timeout",) and rs.sets["wl4n_ssh"].flags == ("interval", "timeout")
 
 
 def test_port_overrides_reach_the_rules() -> None:
     cfg = parse_config({"services": {"sip-udp": {"ports": "5080"}, "ucp": {"ports": "8001,8003"}}})
-    r = render_ruleset([], [], cfg, NOW).input_rules
+    r = render_ruleset({}, cfg, NOW).input_rules
     assert "ip saddr @wl4_sip_udp udp dport 5080 accept" in r
+    assert "ip saddr @wl4n_sip_udp udp dport 5080 accept" in r
     assert "ip saddr @wl4_ucp tcp dport { 8001,8003 } accept" in r
+
+
+def test_store_fast_path_renders_the_same_items_as_the_model(tmp_path: Path) -> None:
+    entries, bans = sample_state()
+    store = Store(tmp_path / "tm4.db")
+    for e in entries:
+        store.put_entry(e)
+    for b in bans:
+        store.put_ban(b)
+    want = {k: sorted(v) for k, v in state_items(entries, bans, NOW).items()}
+    got = {k: sorted(v) for k, v in store.set_items(NOW).items()}
+    assert got == want
+    later = NOW + timedelta(hours=30)  # dialin-alice (24 h) and the 1 h ban are gone
+    assert sum(map(len, store.set_items(later).values())) == sum(map(len, want.values())) - 2

@@ -100,7 +100,7 @@ def test_grant_lifts_ban_and_ban_of_whitelisted_is_refused(tmp_path: Path) -> No
         core.block("192.0.2.0/24")
 
 
-def _writer(state: str, worker: int, n: int) -> None:
+def _writer(state: str, worker: int, n: int) -> None:  # runs in a spawned process
     core = make_core(Path(state))
     for i in range(n):
         core.allow(f"w{worker}-{i}", [f"198.51.{100 + worker}.{i + 1}"], ["sip-udp"])
@@ -108,9 +108,10 @@ def _writer(state: str, worker: int, n: int) -> None:
 
 
 def test_concurrent_writers_in_several_processes_lose_nothing(tmp_path: Path) -> None:
-    make_core(tmp_path)  # create the schema once
+    make_core(tmp_path).store.close()  # create the schema once
     workers, n = 6, 40
-    ctx = mp.get_context("fork")
+    # spawn, not fork: separate programs, like CLI runs, the daemon and the AGI script
+    ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_writer, args=(str(tmp_path), w, n)) for w in range(workers)]
     for p in procs:
         p.start()

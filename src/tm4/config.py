@@ -63,6 +63,18 @@ class DialinConfig:
     caller_window: str = "1h"
     global_failures: int = 20
     forbidden: list[str] = field(default_factory=list)
+    # Dial-in details (issue 4); all optional.
+    global_window: str = "1h"  # window of `global_failures`
+    delay_max: str = "30s"  # longest wait per try while failures run past global_failures
+    discover: list[str] = field(default_factory=lambda: [
+        "A myip.opendns.com @208.67.222.222 @208.67.220.220",
+        "TXT o-o.myaddr.l.google.com @216.239.32.10",
+        "AAAA myip.opendns.com @2620:119:35::35",
+    ])  # external address by DNS: "TYPE NAME @server[:port] ...", tried in order
+    discover_timeout: str = "2s"
+    discover_cache: str = "10m"
+    tts_cache: str = "/var/cache/tm4/tts"  # read-back files synthesized at call time
+    fastagi_secret: str = ""  # accept FastAGI from any local uid that knows it (?secret=...)
 
 
 @dataclass

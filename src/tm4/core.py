@@ -37,6 +37,7 @@ from .rules import (
     ban_items,
     diff_elements,
     render_ruleset,
+    set_family,
     union_elements,
     whitelist_items,
 )
@@ -251,7 +252,7 @@ class Core:
             extra = module.ruleset_extra(self.config, self.store)
             if extra is not None:
                 extras.append(extra)
-        return render_ruleset(self.store.entries(), self.store.bans(), self.config, now, extras)
+        return render_ruleset(self.store.set_items(now), self.config, now, extras)
 
     def apply(self, ruleset: Ruleset | None = None) -> Ruleset:
         """Replace the kernel table in one transaction; on failure the old one stays, whole."""
@@ -259,8 +260,12 @@ class Core:
         now = self.clock()
         self.backend.apply(rs, now)  # type: ignore[call-arg]
         self.store.set_meta("last_apply", format_time(now))
-        self.store.set_meta("applied_rules", rules_fingerprint(rs))
-        self.store.set_meta("applied_listing", _rules_part(self.backend.listing() or ""))
+        fingerprint = rules_fingerprint(rs)
+        if fingerprint != self.store.get_meta("applied_rules") or not self.store.get_meta("applied_listing"):
+            # The kernel's own spelling of our rules, for drift checks. Listing costs a dump
+            # of every set element, so it is taken only when the rules' shape changed.
+            self.store.set_meta("applied_listing", _rules_part(self.backend.listing(terse=True) or ""))  # type: ignore[call-arg]
+            self.store.set_meta("applied_rules", fingerprint)
         return rs
 
     def sweep(self) -> tuple[list[str], list[str]]:
@@ -370,7 +375,7 @@ def _diff(before: dict[str, list[tuple[int, int, datetime | None]]],
           after: dict[str, list[tuple[int, int, datetime | None]]]) -> SetChanges:
     old: dict[str, list[Element]] = {k: union_elements(v) for k, v in before.items()}
     new: dict[str, list[Element]] = {k: union_elements(v) for k, v in after.items()}
-    versions = {k: (6 if k.startswith(("wl6_", "ban6")) else 4) for k in set(old) | set(new)}
+    versions = {k: set_family(k) for k in set(old) | set(new)}
     return diff_elements(old, new, versions)
 
 

@@ -11,7 +11,7 @@ from .plan import make_plan
 
 
 def gather_status(core: Core) -> dict[str, Any]:
-    listing = core.backend.listing()
+    listing = core.backend.listing(terse=True)  # type: ignore[call-arg]
     entries = core.entries()
     st: dict[str, Any] = {
         "table_present": listing is not None,

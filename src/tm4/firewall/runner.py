@@ -16,6 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from ..errors import ApplyError
 
 CLONE_NEWNET = 0x40000000
+# libnftables output flags (nftables.h): -j, -t (no set contents), -s (no counters)
+OUT_STATELESS = 1 << 2
+OUT_JSON = 1 << 4
+OUT_TERSE = 1 << 11
 
 
 class _LibNft:
@@ -38,9 +42,9 @@ class _LibNft:
         lib.nft_ctx_buffer_output(self.ctx)
         lib.nft_ctx_buffer_error(self.ctx)
 
-    def run(self, script: str, json_out: bool = False) -> tuple[int, str, str]:
-        # NFT_CTX_OUTPUT_JSON = 1 << 4
-        self.lib.nft_ctx_output_set_flags(self.ctx, (1 << 4) if json_out else 0)
+    def run(self, script: str, json_out: bool = False, terse: bool = False) -> tuple[int, str, str]:
+        flags = (OUT_JSON if json_out else 0) | (OUT_TERSE | OUT_STATELESS if terse else 0)
+        self.lib.nft_ctx_output_set_flags(self.ctx, flags)
         rc = self.lib.nft_run_cmd_from_buffer(self.ctx, script.encode())
         out = (self.lib.nft_ctx_get_output_buffer(self.ctx) or b"").decode()
         err = (self.lib.nft_ctx_get_error_buffer(self.ctx) or b"").decode()
@@ -73,22 +77,23 @@ class NftRunner:
         finally:
             os.close(fd)
 
-    def run(self, script: str, json_out: bool = False) -> str:
-        """Run an nft script as one transaction; raise ApplyError with nft's own message."""
+    def run(self, script: str, json_out: bool = False, terse: bool = False) -> str:
+        """Run an nft script as one transaction; raise ApplyError with nft's own message.
+        `terse` leaves set contents and counters out of listings."""
         with self._lock:
             if self._lib is not None:
                 if self._pool is not None:
-                    rc, out, err = self._pool.submit(self._lib.run, script, json_out).result()
+                    rc, out, err = self._pool.submit(self._lib.run, script, json_out, terse).result()
                 else:
-                    rc, out, err = self._lib.run(script, json_out)
+                    rc, out, err = self._lib.run(script, json_out, terse)
             else:
-                rc, out, err = self._subprocess(script, json_out)
+                rc, out, err = self._subprocess(script, json_out, terse)
         if rc != 0:
             raise ApplyError(f"nft refused the change: {first_error(err)}")
         return out
 
-    def _subprocess(self, script: str, json_out: bool) -> tuple[int, str, str]:
-        argv = ["nft"] + (["-j"] if json_out else []) + ["-f", "-"]
+    def _subprocess(self, script: str, json_out: bool, terse: bool = False) -> tuple[int, str, str]:
+        argv = ["nft"] + (["-j"] if json_out else []) + (["-t", "-s"] if terse else []) + ["-f", "-"]
         if self.netns:
             argv = ["ip", "netns", "exec", self.netns, *argv]
         try:

@@ -1,0 +1,104 @@
+"""Spine benchmarks: full apply of 10,000 entries + 100,000 bans, incremental grant/ban,
+and packet throughput through the table with 10 and with 100,000 bans.
+
+Runs in its own network namespaces (needs root); prints one line per figure.
+Targets (issue 2): full apply <= 1 s, incremental <= 5 ms, throughput flat.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from netlab import Echo, Lab  # noqa: E402
+
+from tm4.config import parse_config  # noqa: E402
+from tm4.core import Core  # noqa: E402
+from tm4.model import Ban, Entry, Origin, Source, utcnow  # noqa: E402
+
+N_ENTRIES = 10_000
+N_BANS = 100_000
+
+
+def fill(core: Core, n_entries: int, n_bans: int) -> None:
+    now = utcnow()
+    base_e = int(ipaddress.IPv4Address("10.0.0.0"))
+    base_b = int(ipaddress.IPv4Address("100.64.0.0"))
+    with core.store.transaction():
+        for i in range(n_entries):
+            addr = ipaddress.IPv4Address(base_e + i * 4)
+            core.store.put_entry(Entry(f"e{i}", (Source.parse(str(addr)),), ("sip-udp", "sip-tcp"),
+                                       Origin.ADMIN, now, now + timedelta(days=1) if i % 2 else None))
+        for i in range(n_bans):
+            addr = ipaddress.IPv4Address(base_b + i * 2)
+            core.store.put_ban(Ban(ipaddress.ip_network(addr), "bench", Origin.GUARD, now,
+                                   now + timedelta(hours=1)))
+
+
+def throughput(lab: Lab, client, seconds: float = 1.5) -> float:  # type: ignore[no-untyped-def]
+    """UDP request/response pairs per second from one client to the RTP port (passes every rule)."""
+    s = client.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(0.5)
+    n = 0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        s.sendto(b"x" * 64, ("192.0.2.1", 10000))
+        try:
+            s.recvfrom(128)
+            n += 1
+        except TimeoutError:
+            pass
+    s.close()
+    return n / seconds
+
+
+def main() -> None:
+    lab = Lab("b")
+    try:
+        client = lab.client("c", ["192.0.2.10/24"])
+        echo = Echo(lab.pbx, udp=[10000])
+        tmp = tempfile.mkdtemp()
+        core = Core(parse_config({"state_dir": tmp, "firewall": {"netns": lab.pbx.ns}}), protect=[])
+        fill(core, 10, 10)
+        core.apply()
+        tp_small = throughput(lab, client)
+        fill(core, N_ENTRIES, N_BANS)
+        t0 = time.perf_counter()
+        rs = core.render()
+        t1 = time.perf_counter()
+        core.apply(rs)
+        t2 = time.perf_counter()
+        n_elem = sum(len(s.elements) for s in rs.sets.values())
+        print(f"full apply, {N_ENTRIES} entries + {N_BANS} bans ({n_elem} set elements): "
+              f"{t2 - t0:.3f} s (render {t1 - t0:.3f} s, kernel {t2 - t1:.3f} s)  target <= 1 s")
+        tp_big = throughput(lab, client)
+        grants, bans = [], []
+        for i in range(50):
+            t = time.perf_counter()
+            core.allow(f"inc{i}", [f"198.51.100.{i + 1}"], ["sip-udp"], ttl=timedelta(hours=1))
+            grants.append((time.perf_counter() - t) * 1000)
+            t = time.perf_counter()
+            core.block(f"203.0.113.{i + 1}", ttl=timedelta(hours=1), reason="bench")
+            bans.append((time.perf_counter() - t) * 1000)
+        for name, xs in (("one grant", grants), ("one ban", bans)):
+            xs.sort()
+            print(f"incremental {name} (store + kernel, table holds {n_elem} elements): "
+                  f"p50 {statistics.median(xs):.2f} ms, p99 {xs[int(len(xs) * 0.99) - 1]:.2f} ms"
+                  "  target <= 5 ms")
+        print(f"throughput (UDP request/response through the table): {tp_small:.0f}/s with 10 bans, "
+              f"{tp_big:.0f}/s with {N_BANS} bans ({tp_big / tp_small * 100:.0f}%)")
+        echo.close()
+    finally:
+        lab.close()
+
+
+if __name__ == "__main__":
+    main()
