@@ -43,8 +43,13 @@ def fill(core: Core, n_entries: int, n_bans: int) -> None:
                                    now + timedelta(hours=1)))
 
 
-def throughput(lab: Lab, client, seconds: float = 1.5) -> float:  # type: ignore[no-untyped-def]
-    """UDP request/response pairs per second from one client to the RTP port (passes every rule)."""
+def throughput(lab: Lab, client, rounds: int = 3) -> float:  # type: ignore[no-untyped-def]
+    """Best of `rounds`: UDP request/response pairs per second from one client to the RTP
+    port, a new-flow-free path that still crosses the ban lookups first."""
+    return max(_throughput(client) for _ in range(rounds))
+
+
+def _throughput(client, seconds: float = 1.0) -> float:  # type: ignore[no-untyped-def]
     s = client.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.settimeout(0.5)
     n = 0
@@ -79,7 +84,18 @@ def main() -> None:
         n_elem = sum(len(s.elements) for s in rs.sets.values())
         print(f"full apply, {N_ENTRIES} entries + {N_BANS} bans ({n_elem} set elements): "
               f"{t2 - t0:.3f} s (render {t1 - t0:.3f} s, kernel {t2 - t1:.3f} s)  target <= 1 s")
-        tp_big = throughput(lab, client)
+        # interleave small and big tables so machine load hits both alike
+        small = Core(parse_config({"state_dir": tempfile.mkdtemp(), "firewall": {"netns": lab.pbx.ns}}),
+                     protect=[])
+        fill(small, 10, 10)
+        tps_small, tps_big = [tp_small], []
+        for _ in range(2):
+            core.apply()
+            tps_big.append(throughput(lab, client, rounds=1))
+            small.apply()
+            tps_small.append(throughput(lab, client, rounds=1))
+        core.apply()
+        tp_small, tp_big = max(tps_small), max(tps_big)
         grants, bans = [], []
         for i in range(50):
             t = time.perf_counter()

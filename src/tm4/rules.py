@@ -14,8 +14,8 @@ import ipaddress
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
 from datetime import datetime
+from typing import NamedTuple
 
 from .config import Config
 from .model import Ban, Entry, IPNetwork
