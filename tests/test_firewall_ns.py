@@ -138,28 +138,50 @@ def test_rejected_apply_leaves_old_table_byte_for_byte(net) -> None:  # type: ig
     assert phone.udp_probe(PBX4, 5060)
 
 
-def test_sipp_register_from_whitelisted_phone_gets_answered_stranger_does_not(net) -> None:  # type: ignore[no-untyped-def]
+def test_sipp_call_from_whitelisted_phone_is_answered_stranger_gets_nothing(
+        lab: Lab, tmp_path: Path) -> None:
     need_root_tools("sipp")
+    phone = lab.client("phone", ["192.0.2.10/24"])
+    stranger = lab.client("strngr", ["203.0.113.66/24"])
+    core = Core(parse_config({"state_dir": str(tmp_path), "firewall": {"netns": lab.pbx.ns}}), protect=[])
+    core.allow("phone", ["192.0.2.10"], ["sip-udp"])
+    core.apply()
+    # SIPp's UAS on the PBX answers INVITEs on the real SIP port
+    uas = lab.pbx.popen("sipp", "-sn", "uas", "-i", PBX4, "-p", "5060", "-nostdin", "-timeout", "30s",
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        ok = phone.run("sipp", "-sn", "uac", "-m", "1", "-timeout", "5s", "-timeout_error", "-nostdin",
+                       "-i", "192.0.2.10", "-p", "5070", f"{PBX4}:5060", check=False)
+        assert ok.returncode == 0, ok.stdout[-800:]
+        bad = stranger.run("sipp", "-sn", "uac", "-m", "1", "-timeout", "2s", "-timeout_error", "-nostdin",
+                           "-i", "203.0.113.66", "-p", "5070", f"{PBX4}:5060", check=False)
+        assert bad.returncode != 0
+        core.allow("stranger", ["203.0.113.66"], ["sip-udp"])  # same call, now let in: it works
+        good = stranger.run("sipp", "-sn", "uac", "-m", "1", "-timeout", "5s", "-timeout_error", "-nostdin",
+                            "-i", "203.0.113.66", "-p", "5071", f"{PBX4}:5060", check=False)
+        assert good.returncode == 0, good.stdout[-800:]
+    finally:
+        uas.kill()
+        uas.wait()
+
+
+def test_status_and_plan_see_drift_from_outside(net) -> None:  # type: ignore[no-untyped-def]
+    from tm4.status import gather_status
+
     lab, phone, stranger, core = net
     core.allow("phone", ["192.0.2.10"], ["sip-udp"])
     core.apply()
-    # a SIPp UAS on the PBX's 5070... no: SIP must be on the guarded port, so use 5060 via a fresh PBX
-    uas = lab.pbx.popen("sipp", "-sn", "uas", "-i", PBX4, "-p", "5062", "-bg", "-nostdin",
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uas.wait(10)
-    try:
-        # 5062 is not a catalogue port: move sip-udp there for this test
-        core.config.services["sip-udp"] = core.config.services["sip-udp"].__class__(
-            "sip-udp", "udp", ((5062, 5062),))
-        core.apply()
-        ok = phone.run("sipp", "-sn", "uac", "-m", "1", "-timeout", "5s", "-timeout_error", "-nostdin",
-                       "-i", "192.0.2.10", "-p", "5070", f"{PBX4}:5062", check=False)
-        assert ok.returncode == 0, ok.stdout[-500:]
-        bad = stranger.run("sipp", "-sn", "uac", "-m", "1", "-timeout", "2s", "-timeout_error", "-nostdin",
-                           "-i", "203.0.113.66", "-p", "5070", f"{PBX4}:5062", check=False)
-        assert bad.returncode != 0
-    finally:
-        lab.pbx.run("pkill", "-f", "sipp -sn uas", check=False)
+    assert gather_status(core)["drift"] == ""
+    lab.pbx.run("nft", "delete", "element", "inet", "tm4", "wl4_sip_udp", "{ 192.0.2.10 }")
+    st = gather_status(core)
+    assert "1 element(s) missing" in st["drift"]
+    lab.pbx.run("nft", "insert", "rule", "inet", "tm4", "input", "tcp", "dport", "22", "accept")
+    assert "changed from outside" in gather_status(core)["drift"]
+    core.apply()
+    assert gather_status(core)["drift"] == ""
+    lab.pbx.run("nft", "flush", "ruleset")
+    assert gather_status(core)["table_present"] is False
 
 
 def test_table_is_one_transaction_even_with_many_elements(net) -> None:  # type: ignore[no-untyped-def]
