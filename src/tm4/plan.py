@@ -67,6 +67,11 @@ def make_plan(rs: Ruleset, backend: NftBackend, applied_rules: str | None, rules
         if s.dynamic:
             continue
         want = {(e.lo, e.hi) for e in s.elements if e.expires is None or e.expires > now}
+        if getattr(backend, "prefix_elements", False):  # ipset keeps a range as its prefixes
+            from .firewall.iptables import prefix_intervals
+
+            bits = 32 if s.version == 4 else 128
+            want = {p for lo, hi in want for p in prefix_intervals(lo, hi, bits)}
         got = kernel_intervals(backend, name) if present else set()
         if got is None:  # a set tm4 renders is missing from the kernel
             plan.rules_changed = True
