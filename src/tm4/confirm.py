@@ -20,6 +20,7 @@ from typing import Any
 
 from .core import Core
 from .errors import NotFoundError, Tm4Error
+from .firewall.nft import NftBackend
 
 PENDING = "confirm.json"
 
@@ -86,15 +87,16 @@ def rollback(core: Core, token: str | None = None) -> bool:
             return False
         core.store.restore(rec["store"])
         listing = rec["listing"]
-        if listing:
+        if not listing:
+            core.backend.remove()
+        elif isinstance(core.backend, NftBackend):
+            # the kernel's own listing, loaded back byte for byte in one transaction
             try:
-                core.backend.runner.run(  # type: ignore[attr-defined]
-                    "table inet tm4\ndelete table inet tm4\n" + listing
-                )
+                core.backend.runner.run("table inet tm4\ndelete table inet tm4\n" + listing)
             except Tm4Error:
                 core.apply()
         else:
-            core.backend.remove()
+            core.apply()  # other backends: re-render from the restored store
         _pending_path(core).unlink()
         core.audit("rollback", "ruleset", "admin", "confirm-timer", reason="apply not confirmed in time")
         return True
