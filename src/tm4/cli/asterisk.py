@@ -1,0 +1,88 @@
+"""`tm4 asterisk ...`: Asterisk's own named ACL kept in step with the whitelist."""
+
+from __future__ import annotations
+
+import asyncio
+
+import click
+
+from ..asterisk.acl import acl_status, render_acl, sync_acl_async
+from ..asterisk.install import install_async
+from ..config import config_path
+from .common import Ctx, echo_json, json_option, pass_ctx
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(asterisk)
+
+
+@click.group()
+def asterisk() -> None:
+    """Asterisk's named ACL [tm4] and tm4's AMI user."""
+
+
+@asterisk.command()
+@json_option
+@pass_ctx
+def install(ctx: Ctx, as_json: bool) -> None:
+    """Write acl_tm4.conf, #include it from acl.conf, create tm4's AMI user."""
+    toml = ctx.config.path or config_path(ctx.config_path)
+    report = asyncio.run(install_async(ctx.core, toml))
+    if as_json:
+        echo_json(report.to_json())
+    else:
+        click.echo("\n".join(report.lines()))
+
+
+@asterisk.command()
+@json_option
+@pass_ctx
+def status(ctx: Ctx, as_json: bool) -> None:
+    """Is the include there, is the file current, what does Asterisk have loaded?"""
+    st = asyncio.run(acl_status(ctx.core))
+    if as_json:
+        echo_json(st.to_json())
+    else:
+        yn = {True: "yes", False: "NO", None: "unknown"}
+        click.echo(f"ACL file:        {st.path} ({'current' if st.current else 'NOT current' if st.exists else 'missing'})")
+        inc = yn[st.include] + (f" ({st.include_error})" if st.include_error else "")
+        click.echo(f"acl.conf include: {inc}")
+        click.echo(f"reload pending:  {'yes' if st.pending else 'no'}")
+        click.echo(f"AMI:             {st.ami}")
+        if st.asterisk_current is not None:
+            click.echo(f"Asterisk's ACL:  {'same as rendered' if st.asterisk_current else 'DIFFERS'}")
+        if st.asterisk_note:
+            click.echo(f"note:            {st.asterisk_note}")
+        if st.asterisk_rules is not None and not st.asterisk_current:
+            click.echo("rendered:  " + "; ".join(st.rendered_rules))
+            click.echo("Asterisk:  " + "; ".join(st.asterisk_rules))
+    if not st.ok:
+        ctx_exit(1)
+
+
+@asterisk.command()
+@pass_ctx
+def render(ctx: Ctx) -> None:
+    """Print the ACL file tm4 would write (changes nothing)."""
+    click.echo(render_acl(ctx.core.entries(), ctx.core.clock()), nl=False)
+
+
+@asterisk.command()
+@json_option
+@pass_ctx
+def sync(ctx: Ctx, as_json: bool) -> None:
+    """Rewrite the ACL if the whitelist changed it and reload it over AMI."""
+    res = asyncio.run(sync_acl_async(ctx.core))
+    if as_json:
+        echo_json(res.to_json())
+        return
+    if not res.installed:
+        click.echo("the ACL is not installed (run `tm4 asterisk install`)")
+        return
+    click.echo(("written" if res.changed else "already current")
+               + ("; reloaded" if res.reloaded else "")
+               + (f"; reload pending ({res.error})" if res.pending else ""))
+
+
+def ctx_exit(code: int) -> None:
+    click.get_current_context().exit(code)

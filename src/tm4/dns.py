@@ -1,0 +1,557 @@
+"""DNS names in the whitelist: resolution (A + AAAA) and the TTL-aware refresher.
+
+The kernel only ever sees addresses. A name is resolved on the asyncio loop
+(tm4.dnsclient: dnspython messages, a socket per query), every name concurrently,
+each query with its own timeout. What a name resolves to becomes its entry's
+`resolved` addresses through `Core.set_resolved`, so a changed answer changes
+only that entry's set elements, in one kernel transaction, with an audit record.
+
+A name that fails (NXDOMAIN, SERVFAIL, timeout, no network) keeps its last
+known addresses and is marked stale; it is retried with backoff, and after
+`dns.stale_after` its addresses are dropped (logged, audited, and a `dns_stale`
+alert through tm4.notify).
+Nothing here can stop the rule set from loading: `Core.apply` never resolves,
+it uses the stored addresses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+import dns.exception
+
+from .config import DnsConfig
+from .core import Core
+from .dnsclient import QueryFailed, Server, query, system_nameservers
+from .durations import format_duration, parse_duration
+from .errors import ConfigError, NotFoundError, Tm4Error, ValidationError
+from .model import Entry, IPNetwork, format_time, net_text, parse_network, parse_time
+
+log = logging.getLogger("tm4.dns")
+
+STATE_KEY = "dns_state"  # store meta: per-name failure state, JSON
+CONCURRENCY = 128  # names resolved at the same time (two queries each)
+RESCAN = 5.0  # seconds between looks at the store for added/removed names
+
+
+# -- settings -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DnsSettings:
+    nameservers: tuple[tuple[str, int], ...] = ()
+    refresh_min: float = 60.0
+    refresh_max: float = 600.0
+    timeout: float = 3.0
+    max_addresses: int = 16
+    stale_after: timedelta = timedelta(days=7)
+
+    @classmethod
+    def from_config(cls, cfg: DnsConfig) -> DnsSettings:
+        try:
+            lo = parse_duration(cfg.refresh_min).total_seconds()
+            hi = parse_duration(cfg.refresh_max).total_seconds()
+            timeout = parse_duration(cfg.timeout).total_seconds()
+            stale = parse_duration(cfg.stale_after)
+        except ValidationError as exc:
+            raise ConfigError(f"[dns]: {exc}") from None
+        if hi < lo:
+            raise ConfigError(f"[dns] refresh_max ({cfg.refresh_max}) is shorter than refresh_min ({cfg.refresh_min})")
+        if not 1 <= cfg.max_addresses <= 1024:
+            raise ConfigError("[dns] max_addresses must be between 1 and 1024")
+        return cls(tuple(parse_nameserver(s) for s in cfg.nameservers), lo, hi, timeout,
+                   cfg.max_addresses, stale)
+
+    def next_delay(self, ok: bool, ttl: int, failures: int) -> float:
+        """Seconds until a name is resolved again: its TTL bounded by refresh_min and
+        refresh_max; after a failure, a backoff starting at a quarter of refresh_min
+        and doubling up to refresh_max."""
+        if ok:
+            return min(max(float(ttl), self.refresh_min), self.refresh_max)
+        first = max(1.0, self.refresh_min / 4)
+        return min(first * 2 ** max(0, failures - 1), self.refresh_max)
+
+
+def parse_nameserver(text: str) -> tuple[str, int]:
+    """'192.0.2.53', '192.0.2.53:5353', '2001:db8::53', '[2001:db8::53]:5353'."""
+    raw = text.strip()
+    host, port = raw, 53
+    if raw.startswith("["):
+        host, sep, rest = raw[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ConfigError(f"[dns] nameserver {text!r}: use [IPv6]:port")
+        if rest:
+            port = _port(text, rest[1:])
+    elif raw.count(":") == 1:
+        host, _, p = raw.partition(":")
+        port = _port(text, p)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"[dns] nameserver {text!r} is not an IP address (optionally :port)") from None
+    return host, port
+
+
+def _port(text: str, p: str) -> int:
+    if not p.isdigit() or not 0 < int(p) < 65536:
+        raise ConfigError(f"[dns] nameserver {text!r}: bad port")
+    return int(p)
+
+
+# -- one lookup -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Lookup:
+    """What one name resolved to. A family is None when its query failed: the
+    caller then keeps that family's last known addresses."""
+
+    fqdn: str
+    v4: tuple[IPNetwork, ...] | None
+    v6: tuple[IPNetwork, ...] | None
+    ttl: int = 0
+    error: str = ""
+    ignored: tuple[str, ...] = ()  # answers refused as addresses (multicast, ...)
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+    def merge(self, old: Sequence[IPNetwork], *, drop_failed: bool = False) -> tuple[IPNetwork, ...]:
+        """The name's addresses after this lookup: answered families replace theirs,
+        failed families keep the old ones (or lose them when `drop_failed`)."""
+        out: list[IPNetwork] = []
+        for version, fresh in ((4, self.v4), (6, self.v6)):
+            if fresh is not None:
+                out.extend(fresh)
+            elif not drop_failed:
+                out.extend(n for n in old if n.version == version)
+        return sort_networks(out)
+
+
+class Resolver(Protocol):
+    async def lookup(self, fqdn: str) -> Lookup: ...
+
+
+@dataclass(frozen=True)
+class _Family:
+    addresses: tuple[IPNetwork, ...] | None  # None: failed
+    ttl: int | None = None
+    error: str = ""
+    nxdomain: bool = False
+    ignored: tuple[str, ...] = ()
+
+
+class DnsResolver:
+    """A and AAAA for a name, concurrently, each query bounded by the timeout.
+
+    Without configured nameservers it uses the system's from resolv.conf, and reads
+    that file again when it changes: at boot the network (and resolv.conf) may come
+    up after tm4.
+    """
+
+    def __init__(self, settings: DnsSettings, *, resolv_conf: str = "/etc/resolv.conf"):
+        self.settings = settings
+        self.resolv_conf = resolv_conf
+        self.servers: list[Server] = list(settings.nameservers)
+        self._setup_error = ""
+        self._conf_stamp: tuple[int, int] | None = (-1, -1)
+        self._sem = asyncio.Semaphore(CONCURRENCY)
+        self._configure()
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.resolv_conf)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_ino
+
+    def _configure(self) -> None:
+        """Read the system's nameservers again if resolv.conf changed; a missing
+        configuration is an error kept for every lookup, never an exception."""
+        if self.settings.nameservers:
+            return
+        stamp = self._stamp()
+        if stamp == self._conf_stamp:
+            return
+        self._conf_stamp = stamp
+        try:
+            self.servers = system_nameservers(self.resolv_conf)
+            self._setup_error = "" if self.servers else f"no nameserver in {self.resolv_conf}"
+        except (dns.exception.DNSException, OSError) as exc:
+            self.servers = []
+            self._setup_error = f"no usable DNS resolver configuration ({self.resolv_conf}): {exc}"
+
+    async def lookup(self, fqdn: str) -> Lookup:
+        self._configure()
+        if not self.servers:
+            return Lookup(fqdn, None, None, error=self._setup_error)
+        async with self._sem:
+            a, aaaa = await asyncio.gather(self._query(fqdn, "A"), self._query(fqdn, "AAAA"))
+        return combine(fqdn, a, aaaa, self.settings.max_addresses)
+
+    async def _query(self, fqdn: str, rdtype: str) -> _Family:
+        try:
+            ans = await query(self.servers, fqdn + ".", rdtype, self.settings.timeout)
+        except QueryFailed as exc:
+            return _Family(None, error=_short(str(exc)))
+        except (dns.exception.DNSException, OSError, ValueError) as exc:
+            return _Family(None, error=_short(f"{type(exc).__name__}: {exc}"))
+        if ans.nxdomain:
+            return _Family(None, error="NXDOMAIN (the name does not exist)", nxdomain=True)
+        nets: list[IPNetwork] = []
+        ignored: list[str] = []
+        for addr in ans.addresses:
+            try:
+                nets.append(parse_network(addr))
+            except ValidationError:
+                ignored.append(addr)
+        return _Family(tuple(sort_networks(nets)), ans.ttl, ignored=tuple(ignored))
+
+
+def combine(fqdn: str, a: _Family, aaaa: _Family, max_addresses: int) -> Lookup:
+    """One Lookup from the A and AAAA outcomes, with the address limit applied."""
+    ignored = a.ignored + aaaa.ignored
+    if a.nxdomain and aaaa.nxdomain:
+        return Lookup(fqdn, None, None, error=a.error, ignored=ignored)
+    errors = [f"{t}: {f.error}" for t, f in (("A", a), ("AAAA", aaaa)) if f.addresses is None]
+    count = len(a.addresses or ()) + len(aaaa.addresses or ())
+    if count > max_addresses:
+        return Lookup(fqdn, None, None, error=(
+            f"the answer holds {count} addresses, more than dns.max_addresses ({max_addresses}); refused"
+        ), ignored=ignored)
+    ttls = [f.ttl for f in (a, aaaa) if f.addresses and f.ttl is not None]
+    if not ttls:
+        ttls = [f.ttl for f in (a, aaaa) if f.addresses is not None and f.ttl is not None]
+    ttl = min(ttls) if ttls else 0
+    if not errors and count == 0:
+        why = "no A or AAAA records" + (f" (refused: {', '.join(ignored)})" if ignored else "")
+        return Lookup(fqdn, None, None, ttl, error=why, ignored=ignored)
+    return Lookup(fqdn, a.addresses, aaaa.addresses, ttl, "; ".join(errors), ignored)
+
+
+def _short(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def sort_networks(nets: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
+    return tuple(sorted(set(nets), key=lambda n: (n.version, int(n.network_address), n.prefixlen)))
+
+
+# -- results --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NameResult:
+    """What one refresh did to one name of one entry."""
+
+    entry: str
+    fqdn: str
+    status: str  # "changed", "unchanged", "failed" (kept), "dropped" (stale limit)
+    before: tuple[str, ...]
+    after: tuple[str, ...]
+    ttl: int = 0
+    error: str = ""
+    stale_since: datetime | None = None
+    next_refresh: float | None = None
+
+    @property
+    def changed(self) -> bool:
+        return self.before != self.after
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "entry": self.entry, "fqdn": self.fqdn, "status": self.status,
+            "before": list(self.before), "after": list(self.after), "changed": self.changed,
+            "ttl": self.ttl, "error": self.error or None, "stale_since": format_time(self.stale_since),
+            "next_refresh": self.next_refresh,
+        }
+
+
+@dataclass
+class _NameState:
+    failing_since: datetime | None = None
+    failures: int = 0
+    error: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"failing_since": format_time(self.failing_since), "failures": self.failures,
+                "error": self.error}
+
+
+def _load_state(core: Core) -> dict[str, _NameState]:
+    try:
+        raw = json.loads(core.store.get_meta(STATE_KEY) or "{}")
+    except ValueError:
+        raw = {}
+    out: dict[str, _NameState] = {}
+    for name, v in raw.items() if isinstance(raw, dict) else ():
+        with contextlib.suppress(TypeError, ValueError, AttributeError):
+            out[name] = _NameState(parse_time(v.get("failing_since")), int(v.get("failures", 0)),
+                                   str(v.get("error", "")))
+    return out
+
+
+OnChange = Callable[[list[NameResult]], Awaitable[Any] | Any]
+
+
+# -- the refresher --------------------------------------------------------------
+
+@dataclass
+class _Schedule:
+    due: dict[str, float] = field(default_factory=dict)  # fqdn -> monotonic time
+    failures: dict[str, int] = field(default_factory=dict)
+
+
+class Refresher:
+    """Keeps every DNS source's addresses current.
+
+    `await refresh()` resolves now (all names, or one entry's); `await run_forever()`
+    re-resolves each name when its answer expires. `on_change` is called (and awaited
+    if it returns an awaitable) after a batch that changed addresses: the daemon
+    passes the Asterisk ACL sync there.
+    """
+
+    def __init__(
+        self,
+        core: Core,
+        *,
+        resolver: Resolver | None = None,
+        settings: DnsSettings | None = None,
+        on_change: OnChange | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        rescan: float = RESCAN,
+    ):
+        self.core = core
+        self.settings = settings or DnsSettings.from_config(core.config.dns)
+        self.resolver: Resolver = resolver or DnsResolver(self.settings)
+        self.on_change = on_change
+        self.monotonic = monotonic
+        self.rescan = rescan
+        self.schedule = _Schedule()
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    # -- public -----------------------------------------------------------------
+    async def refresh(self, name: str | None = None) -> list[NameResult]:
+        """Resolve now. `name` is an entry name (or one of the DNS names it holds);
+        None: every DNS name in the whitelist."""
+        entries = self._active_entries()
+        if name is None:
+            fqdns = sorted(_names_of(entries))
+        else:
+            picked = [e for e in entries if e.name == name] or [
+                e for e in entries if any(s.fqdn == name.lower().rstrip(".") for s in e.sources)
+            ]
+            if not picked:
+                raise NotFoundError(f"no active entry named {name!r} (nor one holding that DNS name)")
+            fqdns = sorted(_names_of(picked))
+        results = await self._refresh(fqdns, entries, prune=name is None)
+        await self._notify(results)
+        return results
+
+    async def run_forever(self) -> None:
+        """Refresh each name when its TTL runs out. Never returns; cancel it to stop."""
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not stop the refresher for good
+                log.exception("DNS refresh round failed")
+            await self._sleep()
+
+    def wake(self) -> None:
+        """Look at the store now (an entry with a DNS name was added)."""
+        self._wake.set()
+
+    async def tick(self) -> list[NameResult]:
+        """One round of run_forever: resolve the names that are due."""
+        entries = self._active_entries()
+        names = _names_of(entries)
+        now = self.monotonic()
+        due = self.schedule.due
+        for gone in set(due) - names:
+            due.pop(gone, None)
+            self.schedule.failures.pop(gone, None)
+        for new in names - set(due):
+            due[new] = now
+        # Names due within the next half second go in this batch too.
+        ready = sorted(n for n, t in due.items() if t <= now + 0.5)
+        if not ready:
+            return []
+        results = await self._refresh(ready, entries, prune=False)
+        await self._notify(results)
+        return results
+
+    # -- internals --------------------------------------------------------------
+    def _active_entries(self) -> list[Entry]:
+        now = self.core.clock()
+        return [e for e in self.core.entries() if not e.is_expired(now)]
+
+    async def _sleep(self) -> None:
+        now = self.monotonic()
+        nxt = min(self.schedule.due.values(), default=now + self.rescan)
+        delay = max(0.05, min(nxt - now, self.rescan))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), delay)
+        self._wake.clear()
+
+    async def _notify(self, results: list[NameResult]) -> None:
+        if self.on_change is None or not any(r.changed for r in results):
+            return
+        try:
+            out = self.on_change(results)
+            if asyncio.iscoroutine(out) or isinstance(out, asyncio.Future):
+                await out
+        except Exception:
+            log.exception("DNS change hook failed")
+
+    async def _refresh(self, fqdns: Sequence[str], entries: list[Entry], *, prune: bool) -> list[NameResult]:
+        if not fqdns:
+            return []
+        lookups = await asyncio.gather(*(self._safe_lookup(f) for f in fqdns))
+        async with self._lock:
+            return await self._apply({lk.fqdn: lk for lk in lookups}, entries, prune=prune)
+
+    async def _safe_lookup(self, fqdn: str) -> Lookup:
+        try:
+            return await self.resolver.lookup(fqdn)
+        except Exception as exc:  # one name must never break the others
+            log.exception("resolving %s failed unexpectedly", fqdn)
+            return Lookup(fqdn, None, None, error=f"internal error: {exc}")
+
+    async def _apply(self, lookups: dict[str, Lookup], entries: list[Entry], *,
+                     prune: bool) -> list[NameResult]:
+        """Write the answers: per entry one set_resolved (one kernel transaction).
+        Yields to the event loop between entries, so that a thousand changed answers
+        never hold up the guard."""
+        core = self.core
+        now = core.clock()
+        results: list[NameResult] = []
+        with core.store.transaction():
+            state = _load_state(core)
+            for fqdn, lk in lookups.items():
+                st = state.setdefault(fqdn, _NameState())
+                if lk.ok:
+                    state[fqdn] = _NameState()
+                else:
+                    st.failing_since = st.failing_since or now
+                    st.failures += 1
+                    st.error = lk.error
+                    log.warning("DNS name %s: %s", fqdn, lk.error)
+            if prune:
+                live = _names_of(entries)
+                state = {k: v for k, v in state.items() if k in live}
+            core.store.set_meta(STATE_KEY, json.dumps({k: v.to_json() for k, v in sorted(state.items())}))
+        for fqdn, lk in lookups.items():
+            self._reschedule(fqdn, lk)
+        for i, snap in enumerate(entries):
+            if not any(s.fqdn in lookups for s in snap.sources if s.fqdn):
+                continue
+            # the lookups took a while: apply to the entry as it is now
+            e = core.store.get_entry(snap.name)
+            if e is None or e.is_expired(now):
+                continue
+            mine = [s.fqdn for s in e.sources if s.fqdn and s.fqdn in lookups]
+            if not mine:
+                continue
+            results.extend(self._apply_entry(e, mine, lookups, state, now))
+            if i % 16 == 15:
+                await asyncio.sleep(0)
+        return results
+
+    def _reschedule(self, fqdn: str, lk: Lookup) -> None:
+        sch = self.schedule
+        fails = 0 if lk.ok else sch.failures.get(fqdn, 0) + 1
+        sch.failures[fqdn] = fails
+        sch.due[fqdn] = self.monotonic() + self.settings.next_delay(lk.ok, lk.ttl, fails)
+
+    def _apply_entry(self, e: Entry, mine: list[str], lookups: dict[str, Lookup],
+                     state: dict[str, _NameState], now: datetime) -> list[NameResult]:
+        limit = self.settings.stale_after
+        resolved = dict(e.resolved)
+        per: list[tuple[str, str, tuple[IPNetwork, ...], tuple[IPNetwork, ...]]] = []
+        reasons: list[str] = []
+        for fqdn in mine:
+            lk = lookups[fqdn]
+            st = state.get(fqdn, _NameState())
+            old = sort_networks(e.resolved.get(fqdn, ()))
+            too_old = (not lk.ok and st.failing_since is not None
+                       and now - st.failing_since >= limit)
+            new = lk.merge(old, drop_failed=too_old)
+            status = "dropped" if too_old and new != old else (
+                "failed" if not lk.ok else ("changed" if new != old else "unchanged"))
+            if status == "dropped":
+                _tell_admin(e.name, fqdn, format_duration(now - st.failing_since),  # type: ignore[operator]
+                            lk.error, old)
+                reasons.append(f"{fqdn} stale since {format_time(st.failing_since)} "
+                               f"(longer than dns.stale_after): addresses dropped")
+            elif new != old:
+                reasons.append(f"{fqdn} answered" + (f" (partly; {lk.error})" if lk.error else ""))
+            if new:
+                resolved[fqdn] = new
+            else:
+                resolved.pop(fqdn, None)
+            per.append((fqdn, status, old, new))
+        fqdns = [s.fqdn for s in e.sources if s.fqdn]
+        failing = [state[f].failing_since for f in fqdns if f in state and state[f].failing_since]
+        stale_since = min(failing) if failing else None  # type: ignore[type-var]
+        changed_addr = any(old != new for _, _, old, new in per)
+        if changed_addr or stale_since != e.stale_since:
+            try:
+                self.core.set_resolved(e.name, resolved, stale_since, actor="dns",
+                                       reason="; ".join(reasons))
+            except Tm4Error as exc:
+                log.error("entry %s: could not apply the DNS answer: %s", e.name, exc)
+                return [NameResult(e.name, f, "failed", _texts(old), _texts(old), lookups[f].ttl,
+                                   f"not applied: {exc}", stale_since) for f, _, old, _ in per]
+        out: list[NameResult] = []
+        for fqdn, status, old, new in per:
+            lk = lookups[fqdn]
+            due = self.schedule.due.get(fqdn)
+            out.append(NameResult(
+                e.name, fqdn, status, _texts(old), _texts(new), lk.ttl, lk.error,
+                state[fqdn].failing_since if fqdn in state else None,
+                None if due is None else round(max(0.0, due - self.monotonic()), 1),
+            ))
+        return out
+
+
+def _tell_admin(entry: str, fqdn: str, age: str, error: str, old: Sequence[IPNetwork]) -> None:
+    addrs = ", ".join(net_text(n) for n in old)
+    msg = (f"entry {entry}: DNS name {fqdn} has failed for {age} ({error}), longer than "
+           f"dns.stale_after; its addresses {addrs} are dropped")
+    log.warning("%s", msg)
+    try:
+        from . import notify
+    except ImportError:  # pragma: no cover - notify ships with tm4d
+        return
+    notify.alert("dns_stale", msg, entry=entry, fqdn=fqdn, dropped=[net_text(n) for n in old])
+
+
+def _texts(nets: Iterable[IPNetwork]) -> tuple[str, ...]:
+    return tuple(net_text(n) for n in nets)
+
+
+def _names_of(entries: Iterable[Entry]) -> set[str]:
+    return {s.fqdn for e in entries for s in e.sources if s.fqdn}
+
+
+# -- sync entry points ------------------------------------------------------------
+
+def refresh_now(core: Core, name: str | None = None, *, resolver: Resolver | None = None) -> list[NameResult]:
+    """`tm4 refresh`: resolve now, outside any running event loop."""
+
+    async def go() -> list[NameResult]:
+        return await Refresher(core, resolver=resolver).refresh(name)
+
+    return asyncio.run(go())
