@@ -238,9 +238,11 @@ def clamp_set(version: int) -> str:
 def responsive_rules(config: Config) -> list[str]:
     """Responsive mode: per-source meters for the public SIP services, in the kernel.
 
-    An unknown source sending more than `rate_packets` packets in 10 s, or opening
-    more than `rate_flows` new flows in 60 s, lands in the clamp set for `clamp`
-    and is dropped on the SIP ports until then. Whitelisted sources (for that
+    An unknown source sending more than `rate_packets` packets in 10 s (a token
+    bucket: burst `rate_packets`, refilled at `rate_packets`/10 s), or holding more
+    than `rate_flows` flows at once (conntrack's count: a UDP flow lives 30-120 s,
+    so about "new flows per minute"), lands in the clamp set for `clamp` and is
+    dropped on the SIP ports until then. Whitelisted sources (for that
     service or `all`) are never metered nor clamped. These rules must run before
     `ct state established,related accept`: one UDP flow carries a whole flood.
     The meters are rule-local (`meter`), so a full apply starts them afresh
@@ -269,7 +271,7 @@ def responsive_rules(config: Config) -> list[str]:
             clamp = f"add @{clamp_set(v)} {{ {key} }} counter drop"
             out.append(f"{exempt} {pm} {key} @{clamp_set(v)} counter drop")
             out.append(f"{exempt} {pm} ct state new meter rsp{v}_flows_{tag} size 65535 "
-                       f"{{ {key} timeout 60s limit rate over {flows}/minute burst {flows} packets }} {clamp}")
+                       f"{{ {key} ct count over {flows} }} {clamp}")
             out.append(f"{exempt} {pm} meter rsp{v}_pkts_{tag} size 65535 "
                        f"{{ {key} timeout 10s limit rate over {pkts * 6}/minute burst {pkts} packets }} {clamp}")
     return out
