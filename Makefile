@@ -19,8 +19,23 @@ test: deps
 lint: deps
 	.venv/bin/ruff check src tests bench
 
+sounds:
+	./scripts/render-sounds.sh
+
 bench: deps
 	for b in bench/*.py; do $(PY) $$b || exit 1; done
+
+# Puts tm4 on this host for real: commands, systemd units, config skeleton, state dir,
+# and the dial-in pieces for Asterisk (AGI script, prompts, dialplan context).
+install: deps
+	ln -sf $(CURDIR)/.venv/bin/tm4 /usr/local/bin/tm4
+	ln -sf $(CURDIR)/.venv/bin/tm4d /usr/local/bin/tm4d
+	$(PY) -m tm4.cli install-service --tm4d /usr/local/bin/tm4d
+	install -d /var/lib/asterisk/agi-bin
+	ln -sf $(CURDIR)/agi-bin/tm4-dialin.agi /var/lib/asterisk/agi-bin/tm4-dialin.agi
+	install -d /var/lib/asterisk/sounds/en/tm4
+	install -m 0644 sounds/en/* /var/lib/asterisk/sounds/en/tm4/
+	install -D -m 0644 dialplan/extensions_tm4.conf /etc/asterisk/extensions_tm4.conf
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache
