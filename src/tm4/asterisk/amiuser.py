@@ -111,7 +111,8 @@ def ensure_manager_user(config_dir: Path, username: str, toml_path: Path, toml_s
     secret = new_secret()
     # The secret reaches tm4.toml first: a user tm4 cannot log in as is worse than none.
     set_toml_secret(toml_path, secret)
-    atomic_write(config_dir / MANAGER_FILE, render_manager_user(username, secret), like=main)
+    atomic_write(config_dir / MANAGER_FILE, render_manager_user(username, secret), like=main,
+                 fixed_mode=0o640)  # holds the secret: never world-readable
     edit = ensure_include(main, MANAGER_FILE, comment="tm4's own AMI user (tm4 asterisk install)")
     return ManagerUser("created", secret=secret, include_added=edit.changed, backup=edit.backup)
 

@@ -64,7 +64,7 @@ class NftRunner:
                     self._lib = self._pool.submit(_LibNft).result()
                 else:
                     self._lib = _LibNft()
-            except (OSError, ApplyError):
+            except (OSError, ApplyError, RuntimeError):  # RuntimeError: BrokenThreadPool (no netns)
                 self._lib = None
                 self._pool = None
 
