@@ -48,3 +48,15 @@ def tm4_config(tmp_path: Path) -> Path:
     cfg = tmp_path / "tm4.toml"
     cfg.write_text(f'state_dir = "{tmp_path / "state"}"\n')
     return cfg
+
+
+@pytest.fixture
+def tm4d(lab: Lab, tmp_path: Path) -> Iterator[object]:
+    """A real tm4d inside the lab's PBX namespace (see daemon_support.Tm4d)."""
+    from daemon_support import Tm4d
+
+    d = Tm4d(tmp_path, lab.pbx.ns)
+    try:
+        yield d
+    finally:
+        d.close()

@@ -40,15 +40,6 @@ def net(lab: Lab) -> Iterator[tuple[Lab, Echo]]:
         echo.close()
 
 
-@pytest.fixture
-def tm4d(lab: Lab, tmp_path: Path) -> Iterator[Tm4d]:
-    d = Tm4d(tmp_path, lab.pbx.ns)
-    try:
-        yield d
-    finally:
-        d.close()
-
-
 def phone_sip(lab: Lab) -> bool:
     return lab.hosts[1].udp_probe("198.51.100.1", 5060)
 

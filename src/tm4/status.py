@@ -38,6 +38,9 @@ def gather_status(core: Core) -> dict[str, Any]:
         if n_add or n_rm:
             parts.append(f"{n_add} element(s) missing from the kernel, {n_rm} extra")
         st["drift"] = "; ".join(parts)
+    from .daemon import status_extra
+
+    st["extra"].update(status_extra(core))
     pend = confirm.pending(core)
     if pend:
         st["pending_confirm"] = max(0, int(pend["deadline"] - time.time()))

@@ -29,6 +29,21 @@ class Ctx:
     def core(self) -> Core:
         return Core(self.config)
 
+    def call(self, op: str, args: dict[str, Any]) -> Any:
+        """Run a root operation through tm4d when it runs, else directly (root only):
+        the same function either way (tm4.ops), so the results are the same."""
+        from ..control import invoke
+
+        args = {**args, "actor": self.actor}
+
+        def local() -> Core:
+            core = self.core
+            if args.get("force"):
+                core._protect = []
+            return core
+
+        return invoke(self.config.daemon.socket, op, args, local)
+
     @property
     def actor(self) -> str:
         """Who is acting, for the audit trail: uid, and the sudo user if any."""
@@ -43,17 +58,20 @@ pass_ctx = click.make_pass_decorator(Ctx)
 json_option = click.option("--json", "as_json", is_flag=True, help="print JSON")
 
 
-def ttl_option(help_text: str = "lifetime, e.g. 2h, 1d (default: permanent)") -> Any:
-    return click.option("--ttl", callback=_ttl_cb, default=None, help=help_text)
+def ttl_option(help_text: str = "lifetime, e.g. 2h, 1d (default: permanent)", *, as_text: bool = False) -> Any:
+    """--ttl, checked at parse time; a timedelta, or the checked text (`as_text`) for
+    operations that travel over the control socket."""
 
+    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+        if value is None:
+            return None
+        try:
+            parsed = parse_duration(value)
+        except ValidationError as exc:
+            raise click.BadParameter(str(exc)) from None
+        return value if as_text else parsed
 
-def _ttl_cb(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
-    if value is None:
-        return None
-    try:
-        return parse_duration(value)
-    except ValidationError as exc:
-        raise click.BadParameter(str(exc)) from None
+    return click.option("--ttl", callback=check, default=None, help=help_text)
 
 
 def echo_json(obj: Any) -> None:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import sys
-from datetime import timedelta
+from typing import Any
 
 import click
 
 from .. import confirm as confirm_mod
 from ..core import rules_fingerprint
 from ..errors import ValidationError
-from ..model import Entry, Origin, format_time
 from ..plan import make_plan
 from ..services import TM3_MENU
 from .common import Ctx, echo_json, json_option, pass_ctx, ttl_option
@@ -26,31 +25,30 @@ def _services_or_menu(services: tuple[str, ...]) -> list[str]:
     return answer.split()
 
 
-def _entry_line(e: Entry) -> str:
-    exp = format_time(e.expires) or "permanent"
-    stale = "  STALE" if e.stale_since else ""
-    addrs = ",".join(s.text for s in e.sources)
-    return f"{e.name:24} {addrs:36} {','.join(e.services):28} {e.origin!s:8} {exp}{stale}"
+def _entry_line(e: dict[str, Any]) -> str:
+    exp = e["expires"] or "permanent"
+    stale = "  STALE" if e.get("stale") else ""
+    return f"{e['name']:24} {','.join(e['sources']):36} {','.join(e['services']):28} {e['origin']:8} {exp}{stale}"
 
 
-def _do_add(ctx: Ctx, name: str, sources: list[str], services: list[str], ttl: timedelta | None,
+def _do_add(ctx: Ctx, name: str, sources: list[str], services: list[str], ttl: str | None,
             note: str, replace: bool, force: bool) -> None:
-    e = ctx.core.allow(name, sources, services, ttl=ttl, note=note, origin=Origin.ADMIN,
-                       actor=ctx.actor, replace=replace, force=force)
-    click.echo(f"allowed {e.name}: {', '.join(s.text for s in e.sources)} -> {', '.join(e.services)}"
-               + (f" until {format_time(e.expires)}" if e.expires else ""))
+    e = ctx.call("allow", {"name": name, "sources": sources, "services": services, "ttl": ttl,
+                           "note": note, "replace": replace, "force": force})
+    click.echo(f"allowed {e['name']}: {', '.join(e['sources'])} -> {', '.join(e['services'])}"
+               + (f" until {e['expires']}" if e["expires"] else ""))
 
 
 @click.command()
 @click.argument("name")
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--service", "-s", "services", multiple=True, help="service (repeatable; TM3 codes 0-9 too)")
-@ttl_option()
+@ttl_option(as_text=True)
 @click.option("--note", default="", help="free text kept with the entry")
 @click.option("--replace", is_flag=True, help="overwrite an entry with the same name")
 @click.option("--force", is_flag=True, help="allow very wide networks and lock-out risks")
 @pass_ctx
-def add(ctx: Ctx, name: str, sources: tuple[str, ...], services: tuple[str, ...], ttl: timedelta | None,
+def add(ctx: Ctx, name: str, sources: tuple[str, ...], services: tuple[str, ...], ttl: str | None,
         note: str, replace: bool, force: bool) -> None:
     """Whitelist NAME: addresses, networks or DNS names, for some services."""
     _do_add(ctx, name, list(sources), _services_or_menu(services), ttl, note, replace, force)
@@ -62,10 +60,8 @@ def add(ctx: Ctx, name: str, sources: tuple[str, ...], services: tuple[str, ...]
 @pass_ctx
 def delete(ctx: Ctx, name: str, force: bool) -> None:
     """Remove the entry NAME."""
-    if force:
-        ctx.core._protect = []
-    e = ctx.core.revoke(name, origin=Origin.ADMIN, actor=ctx.actor)
-    click.echo(f"removed {e.name}")
+    e = ctx.call("revoke", {"name": name, "force": force})
+    click.echo(f"removed {e['name']}")
 
 
 @click.command("list")
@@ -73,9 +69,9 @@ def delete(ctx: Ctx, name: str, force: bool) -> None:
 @pass_ctx
 def list_(ctx: Ctx, as_json: bool) -> None:
     """List whitelist entries."""
-    entries = ctx.core.entries()
+    entries = ctx.call("entries", {})
     if as_json:
-        echo_json([e.to_json() for e in entries])
+        echo_json(entries)
         return
     if not entries:
         click.echo("no entries")
@@ -89,24 +85,24 @@ def list_(ctx: Ctx, as_json: bool) -> None:
 @pass_ctx
 def show(ctx: Ctx, name: str, as_json: bool) -> None:
     """Show one entry in full."""
-    e = ctx.core.get_entry(name)
+    e = ctx.call("entry", {"name": name})
     if as_json:
-        echo_json(e.to_json())
+        echo_json(e)
         return
-    for k, v in e.to_json().items():
+    for k, v in e.items():
         click.echo(f"{k:10} {', '.join(v) if isinstance(v, list) else v}")
 
 
 @click.command()
 @click.argument("address")
-@ttl_option("ban length (default: permanent)")
+@ttl_option("ban length (default: permanent)", as_text=True)
 @click.option("--reason", default="", help="why (shown in `tm4 bans`)")
 @click.option("--force", is_flag=True, help="allow wide networks")
 @pass_ctx
-def block(ctx: Ctx, address: str, ttl: timedelta | None, reason: str, force: bool) -> None:
+def block(ctx: Ctx, address: str, ttl: str | None, reason: str, force: bool) -> None:
     """Ban ADDRESS (address or network) in the kernel."""
-    b = ctx.core.block(address, ttl=ttl, reason=reason, origin=Origin.ADMIN, actor=ctx.actor, force=force)
-    click.echo(f"blocked {b.address}" + (f" until {format_time(b.expires)}" if b.expires else " permanently"))
+    b = ctx.call("block", {"address": address, "ttl": ttl, "reason": reason, "force": force})
+    click.echo(f"blocked {b['address']}" + (f" until {b['expires']}" if b["expires"] else " permanently"))
 
 
 @click.command()
@@ -114,8 +110,8 @@ def block(ctx: Ctx, address: str, ttl: timedelta | None, reason: str, force: boo
 @pass_ctx
 def unblock(ctx: Ctx, address: str) -> None:
     """Lift the ban on ADDRESS."""
-    b = ctx.core.unblock(address, origin=Origin.ADMIN, actor=ctx.actor)
-    click.echo(f"unblocked {b.address}")
+    b = ctx.call("unblock", {"address": address})
+    click.echo(f"unblocked {b['address']}")
 
 
 @click.command()
@@ -123,15 +119,15 @@ def unblock(ctx: Ctx, address: str) -> None:
 @pass_ctx
 def bans(ctx: Ctx, as_json: bool) -> None:
     """List banned addresses."""
-    items = ctx.core.bans()
+    items = ctx.call("bans", {})
     if as_json:
-        echo_json([b.to_json() for b in items])
+        echo_json(items)
         return
     if not items:
         click.echo("no bans")
     for b in items:
-        exp = format_time(b.expires) or "permanent"
-        click.echo(f"{b.address:40} {exp:22} x{b.offences:<3} {b.reason}")
+        exp = b["expires"] or "permanent"
+        click.echo(f"{b['address']:40} {exp:22} x{b['offences']:<3} {b['reason']}")
 
 
 def _plan(ctx: Ctx):  # type: ignore[no-untyped-def]
@@ -168,9 +164,12 @@ def apply(ctx: Ctx, confirm_secs: int | None, force: bool) -> None:
     if not force:
         check_apply_lockout(core)
     if confirm_secs is not None:
+        # local even when tm4d runs: the rollback snapshot and timer belong to this apply
         confirm_mod.start(core, confirm_secs, ctx.config_path)
-    core.apply(rs)
-    core.audit("apply", "ruleset", "admin", ctx.actor, confirm=confirm_secs)
+        core.apply(rs)
+        core.audit("apply", "ruleset", "admin", ctx.actor, confirm=confirm_secs)
+    else:
+        ctx.call("apply", {"force": force})
     n = sum(len(s.elements) for s in rs.sets.values())
     click.echo(f"applied: {len(rs.sets)} sets, {n} elements, {len(rs.input_rules)} rules")
     if confirm_secs is not None:
@@ -213,21 +212,24 @@ def status(ctx: Ctx, as_json: bool) -> None:
 @pass_ctx
 def log(ctx: Ctx, limit: int, subject: str | None, as_json: bool) -> None:
     """The audit trail: every change, when, how and by whom."""
-    recs = ctx.core.store.audit_log(limit, subject)
+    args: dict[str, Any] = {"limit": limit}
+    if subject:
+        args["subject"] = subject
+    recs = ctx.call("log", args)
     if as_json:
-        echo_json([r.to_json() for r in recs])
+        echo_json(recs)
         return
     for r in recs:
-        detail = " ".join(f"{k}={v}" for k, v in sorted(r.detail.items()) if v not in (None, "", []))
-        click.echo(f"{r.ts} {r.action:9} {r.subject:28} {r.origin:8} {r.actor} {detail}")
+        detail = " ".join(f"{k}={v}" for k, v in sorted(r["detail"].items()) if v not in (None, "", []))
+        click.echo(f"{r['ts']} {r['action']:9} {r['subject']:28} {r['origin']:8} {r['actor']} {detail}")
 
 
 @click.command()
 @pass_ctx
 def sweep(ctx: Ctx) -> None:
     """Forget expired entries and bans (the kernel drops them by itself)."""
-    e, b = ctx.core.sweep()
-    click.echo(f"expired: {len(e)} entries, {len(b)} bans")
+    r = ctx.call("sweep", {})
+    click.echo(f"expired: {len(r['entries'])} entries, {len(r['bans'])} bans")
 
 
 # -- Travelin' Man 3 verbs -------------------------------------------------------
@@ -260,8 +262,8 @@ def add_fqdn(ctx: Ctx, name: str, fqdn: str, codes: tuple[str, ...]) -> None:
 @pass_ctx
 def del_acct(ctx: Ctx, name: str) -> None:
     """TM3: remove the account NAME."""
-    e = ctx.core.revoke(name.lower(), origin=Origin.ADMIN, actor=ctx.actor)
-    click.echo(f"removed {e.name}")
+    e = ctx.call("revoke", {"name": name.lower()})
+    click.echo(f"removed {e['name']}")
 
 
 def register(cli: click.Group) -> None:
