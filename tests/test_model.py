@@ -120,6 +120,7 @@ def test_durations() -> None:
     assert parse_duration("1h30m") == timedelta(hours=1, minutes=30)
     assert parse_duration("90") == timedelta(seconds=90)
     assert format_duration(timedelta(days=8)) == "1w1d"
-    for bad in ("", "0s", "1x", "h", "-1h", "1h x"):
+    assert parse_duration("1000d") == timedelta(days=1000)
+    for bad in ("", "0s", "1x", "h", "-1h", "1h x", "1001d", "200w"):
         with pytest.raises(ValidationError):
             parse_duration(bad)

@@ -7,6 +7,7 @@ from datetime import timedelta
 
 from .errors import ValidationError
 
+MAX_DAYS = 1000
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _PART = re.compile(r"(\d+)([smhdw])")
 
@@ -30,8 +31,9 @@ def parse_duration(text: str | int | float) -> timedelta:
             seconds = float(sum(int(n) * _UNITS[u] for n, u in parts))
     if seconds <= 0:
         raise ValidationError(f"duration must be positive: {text!r}")
-    if seconds > 10 * 365 * 86400:
-        raise ValidationError(f"duration longer than ten years: {text!r}")
+    if seconds > MAX_DAYS * 86400:
+        # the kernel's set-element timeouts stop a little above this
+        raise ValidationError(f"duration longer than {MAX_DAYS} days: {text!r} (make it permanent instead)")
     return timedelta(seconds=seconds)
 
 
