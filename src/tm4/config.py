@@ -29,7 +29,7 @@ class FirewallConfig:
     netns: str = ""
     # Responsive mode for public SIP: per-source limits before the guard sees events.
     rate_packets: int = 50  # packets per 10 s
-    rate_flows: int = 10  # new signalling flows per 60 s
+    rate_flows: int = 10  # signalling flows one unknown source may hold open at once (conntrack count)
     clamp: str = "60s"
 
 
@@ -63,7 +63,6 @@ class DialinConfig:
     caller_window: str = "1h"
     global_failures: int = 20
     forbidden: list[str] = field(default_factory=list)
-    # Dial-in details (issue 4); all optional.
     global_window: str = "1h"  # window of `global_failures`
     delay_max: str = "30s"  # longest wait per try while failures run past global_failures
     discover: list[str] = field(default_factory=lambda: [

@@ -34,7 +34,7 @@ EXTRA_DOCS: dict[str, str] = {
     "firewall.public_services": "services open to everyone (then guarded), e.g. [\"sip-udp\"]",
     "firewall.rtp": "RTP media ports, open to everyone (\"\" to close)",
     "firewall.rate_packets": "responsive mode: packets per 10 s from one unknown source to public SIP",
-    "firewall.rate_flows": "responsive mode: new signalling flows per 60 s from one unknown source",
+    "firewall.rate_flows": "responsive mode: signalling flows one unknown source may hold open at once",
     "firewall.clamp": "how long a source over those rates is clamped",
     "ami.host": "Asterisk manager interface (tm4's least-privilege user)",
     "ami.port": "",

@@ -45,7 +45,8 @@ def rotate(ctx: Ctx, revoke: bool, as_json: bool) -> None:
 @json_option
 @pass_ctx
 def activate(ctx: Ctx, as_json: bool) -> None:
-    """Turn completed knocks into permanent entries now (tm4d does this by itself)."""
+    """Turn completed knocks into permanent entries now (needs [knock] enabled and activate;
+    tm4d then does this by itself every second)."""
     made = knock_mod.activate_knocks(ctx.core)
     if as_json:
         echo_json([e.to_json() for e in made])

@@ -10,7 +10,7 @@ import click
 @click.command("lab")
 @click.option("--keep", is_flag=True, help="keep the lab's files (config, logs, store) for a look afterwards")
 @click.option("--asterisk", "asterisk", default=None, metavar="PATH",
-              help="a real Asterisk binary (default: `asterisk` on PATH; else simulators)")
+              help="a real Asterisk binary: detected and reported, but driving it is not implemented yet; the simulators run")
 @click.option("--json", "as_json", is_flag=True, help="print the timeline as JSON at the end")
 def lab(keep: bool, asterisk: str | None, as_json: bool) -> None:
     """Build pbx/phone/attacker/dns namespaces, run tm4d in pbx, attack it, dial in, move a DDNS name."""
