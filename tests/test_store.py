@@ -91,6 +91,17 @@ def test_duplicate_name_refused_unless_replace(tmp_path: Path) -> None:
     assert core.get_entry("alice").sources[0].text == "192.0.2.8"
 
 
+def test_an_expired_entry_does_not_block_its_name(tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    core = make_core(tmp_path)
+    core.allow("bob", ["192.0.2.7"], ["ssh"], ttl=timedelta(seconds=1))
+    later = core.clock() + timedelta(seconds=5)
+    core.clock = lambda: later
+    core.allow("bob", ["192.0.2.8"], ["ssh"])  # no --replace needed
+    assert core.get_entry("bob").sources[0].text == "192.0.2.8"
+
+
 def test_grant_lifts_ban_and_ban_of_whitelisted_is_refused(tmp_path: Path) -> None:
     core = make_core(tmp_path)
     core.block("192.0.2.7")

@@ -139,6 +139,8 @@ class Core:
         """Store an entry and open it in the kernel; bans on its addresses are lifted."""
         with self.store.transaction():
             old = self.store.get_entry(entry.name)
+            if old is not None and old.is_expired(self.clock()):
+                replace = True  # an expired entry is gone in the kernel; the sweeper just lags
             if old is not None and not replace:
                 raise ConflictError(f"an entry named {entry.name!r} exists (use --replace to overwrite it)")
             if old is not None and not entry.resolved:
