@@ -13,21 +13,18 @@ from hypothesis import strategies as st
 
 from tm4.config import parse_config
 from tm4.errors import ApplyError
-from tm4.firewall.iptables import (
+from tm4.firewall.iptables_live import LiveChains, parse_ipset_list, parse_save
+from tm4.firewall.iptables_names import ipset_name, temp_name
+from tm4.firewall.iptables_render import (
     MAX_TIMEOUT,
-    LiveChains,
     element_texts,
-    ipset_name,
-    parse_ipset_list,
-    parse_save,
     prefix_intervals,
     render_ipset,
     render_iptables,
     render_set_changes,
     restore_text,
-    temp_name,
-    translate,
 )
+from tm4.firewall.iptables_translate import translate
 from tm4.model import Ban, Entry, Origin, Source, parse_network
 from tm4.plan import make_plan
 from tm4.rules import Element, NftSet, Ruleset, SetChanges, render_ruleset, state_items
@@ -307,9 +304,9 @@ class FakeBackend:
     prefix_elements = True
 
     def __init__(self, text: str):
-        from tm4.firewall.iptables import _member_json
+        from tm4.firewall.iptables_live import member_json
 
-        self.sets = {n.removeprefix("tm4-"): [_member_json(m) for m in s.members]
+        self.sets = {n.removeprefix("tm4-"): [member_json(m) for m in s.members]
                      for n, s in parse_ipset_list(text).items()}
 
     def present(self) -> bool:
