@@ -10,43 +10,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from fakes import MemoryKernel
+
 from tm4.config import parse_config
 from tm4.core import Core
 from tm4.dialin_ops import passcode_book
 from tm4.model import utcnow
-from tm4.rules import Ruleset, SetChanges
-
-
-class RecordingBackend:
-    """Keeps tm4's sets in memory, as the kernel would (for tests that need no namespace)."""
-
-    def __init__(self) -> None:
-        self.sets: dict[str, set[str]] = {}
-        self.batches = 0
-
-    def apply(self, ruleset: Ruleset, now: datetime | None = None) -> None:
-        self.sets = {n: {e.text(s.version) for e in s.elements} for n, s in ruleset.sets.items() if not s.dynamic}
-
-    def apply_changes(self, changes: SetChanges, now: datetime | None = None) -> None:
-        self.batches += 1
-        for name, elems in changes.delete.items():
-            for e in elems:
-                self.sets.setdefault(name, set()).discard(e.text(changes.versions[name]))
-        for name, elems in changes.add.items():
-            for e in elems:
-                self.sets.setdefault(name, set()).add(e.text(changes.versions[name]))
-
-    def present(self) -> bool:
-        return True
-
-    def listing(self) -> str | None:
-        return ""
-
-    def remove(self) -> None:
-        self.sets = {}
-
-    def addresses(self) -> set[str]:
-        return {a for s in self.sets.values() for a in s}
 
 
 class Clock:
@@ -97,7 +66,7 @@ def make_core(tmp: Path, dialin: dict[str, Any] | None = None, *, netns: str = "
     cfg = parse_config(config_data(tmp, dialin, netns))
     if netns:
         return Core(cfg, protect=[], clock=clock or utcnow)
-    return Core(cfg, backend=RecordingBackend(), protect=[], clock=clock or Clock())
+    return Core(cfg, backend=MemoryKernel(), protect=[], clock=clock or Clock())
 
 
 def add_passcode(core: Core, owner: str, code: str, **kw: Any) -> str:

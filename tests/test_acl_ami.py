@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from ami_acl_sim import FIXTURES, REPLAYED, AmiAclSim, User, capture_blocks
-from test_dns_refresher import RecordingBackend
+from fakes import MemoryKernel
 
 from tm4.asterisk.acl import (
     ACL_FILE,
@@ -147,7 +147,7 @@ class Env:
             "asterisk": {"config_dir": str(self.etc)},
             "ami": {"port": sim.port, "secret": SECRET},
         })
-        self.core = Core(cfg, backend=RecordingBackend(), protect=[])
+        self.core = Core(cfg, backend=MemoryKernel(), protect=[])
 
     def install_file(self) -> None:
         """What `tm4 asterisk install` leaves: the file and the include."""

@@ -23,7 +23,7 @@ import pytest
 from agisim import REPO, Caller, Channel, Line, Run, python, run_fastagi, run_stdio
 from dialin_support import (
     FakeTm4d,
-    RecordingBackend,
+    MemoryKernel,
     add_passcode,
     entry_addresses,
     fastagi_server,
@@ -71,7 +71,7 @@ class Rig:
 
     def kernel(self) -> set[str]:
         backend = self.core.backend
-        assert isinstance(backend, RecordingBackend)
+        assert isinstance(backend, MemoryKernel)
         return backend.addresses()
 
 

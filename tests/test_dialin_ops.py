@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dialin_support import Clock, RecordingBackend, add_passcode, entry_addresses, make_core
+from dialin_support import Clock, MemoryKernel, add_passcode, entry_addresses, make_core
 
 from tm4.core import Core
 from tm4.dialin_ops import DIALIN_OPS, issue_token, passcode_book, read_token
@@ -147,7 +147,7 @@ def test_grant_makes_the_entry_and_replaces_the_previous_address(core: Core, clo
     assert set(e["services"]) == {"sip-udp", "sip-tcp", "sip-tls"}
     entry = core.get_entry("dialin-alice")
     assert entry.expires == clock.now + timedelta(hours=24)
-    backend: RecordingBackend = core.backend  # type: ignore[assignment]
+    backend: MemoryKernel = core.backend  # type: ignore[assignment]
     assert "192.0.2.7" in backend.addresses()
     allow = audit(core, "allow")[-1]
     assert allow.origin == "dialin" and allow.actor == "callerid=5551234"
@@ -167,7 +167,7 @@ def test_keep_holds_several_addresses_newest_first(core: Core) -> None:
     assert entry_addresses(core, "dialin-bob") == ["192.0.2.102", "192.0.2.103"]
     e = core.get_entry("dialin-bob")
     assert e.services == ("sip-udp",) and e.expires == core.clock() + timedelta(hours=2)
-    backend: RecordingBackend = core.backend  # type: ignore[assignment]
+    backend: MemoryKernel = core.backend  # type: ignore[assignment]
     assert {"192.0.2.102", "192.0.2.103"} <= backend.addresses() and "192.0.2.101" not in backend.addresses()
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes import MemoryKernel
 
 from tm4 import notify
 from tm4.config import parse_config
@@ -20,29 +21,6 @@ from tm4.core import Core
 from tm4.dns import DnsSettings, Lookup, NameResult, Refresher, _Family, combine, parse_nameserver
 from tm4.errors import ConfigError, NotFoundError
 from tm4.model import IPNetwork, utcnow
-from tm4.rules import Ruleset, SetChanges
-
-
-class RecordingBackend:
-    """Stands in for nft: records every element batch."""
-
-    def __init__(self) -> None:
-        self.batches: list[SetChanges] = []
-
-    def apply(self, ruleset: Ruleset, now: datetime | None = None) -> None:
-        pass
-
-    def apply_changes(self, changes: SetChanges, now: datetime | None = None) -> None:
-        self.batches.append(changes)
-
-    def present(self) -> bool:
-        return True
-
-    def listing(self) -> str | None:
-        return ""
-
-    def remove(self) -> None:
-        pass
 
 
 def nets(*texts: str) -> tuple[IPNetwork, ...]:
@@ -84,7 +62,7 @@ class Clock:
 def env(tmp_path: Path) -> Any:
     class Env:
         clock = Clock()
-        backend = RecordingBackend()
+        backend = MemoryKernel()
         core = Core(parse_config({"state_dir": str(tmp_path / "state")}), backend=backend,
                     clock=clock, protect=[])
         resolver = ScriptedResolver()

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from amisim import AmiSimulator, address, render_event
+from fakes import MemoryKernel
 
 from tm4.config import parse_config
 from tm4.core import Core
@@ -26,26 +27,7 @@ PHONE = "198.51.100.20"
 PING = {"ping_interval": 0.5, "ping_timeout": 0.5, "connect_timeout": 1.0}
 
 
-class RecordingBackend:
-    """Kernel stand-in: these tests are about AMI; the e2e tests use real nftables."""
 
-    def __init__(self) -> None:
-        self.changes: list[Any] = []
-
-    def apply(self, ruleset: Any, now: Any = None) -> None:
-        pass
-
-    def apply_changes(self, changes: Any, now: Any = None) -> None:
-        self.changes.append(changes)
-
-    def present(self) -> bool:
-        return True
-
-    def listing(self) -> str:
-        return ""
-
-    def remove(self) -> None:
-        pass
 
 
 def crf(ip: str, n: int, port: int = 5060) -> bytes:
@@ -79,7 +61,7 @@ def test_guard_comes_back_within_2s_and_never_bans_its_own(tmp_path: Path, fault
         sim = AmiSimulator(local_address=OWN)
         await sim.start()
         cfg = parse_config({"state_dir": str(tmp_path), "ami": {"port": sim.port, "secret": "tm4secret"}})
-        core = Core(cfg, backend=RecordingBackend(), protect=[])  # type: ignore[arg-type]
+        core = Core(cfg, backend=MemoryKernel(), protect=[])  # type: ignore[arg-type]
         core.allow("phone", [PHONE], ["sip-udp"])
         rt = GuardRuntime(core, own={ipaddress.ip_address(OWN)}, client_options=PING)
         task = asyncio.ensure_future(rt.run())

@@ -7,7 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from amisim import address, render_event
-from test_guard_reconnect import RecordingBackend
+from fakes import MemoryKernel
 
 from tm4.asterisk.events import FrameParser, SecurityEvent, to_security_event
 from tm4.config import parse_config
@@ -34,7 +34,7 @@ def crf(ip: str, n: int) -> SecurityEvent:
 
 def runtime(tmp: Path, *, ssh: list[str] | None = None, **guard: object) -> GuardRuntime:
     cfg = parse_config({"state_dir": str(tmp), "guard": guard})
-    core = Core(cfg, backend=RecordingBackend(), protect=[ipaddress.ip_network(a) for a in ssh or []])  # type: ignore[arg-type]
+    core = Core(cfg, backend=MemoryKernel(), protect=[ipaddress.ip_network(a) for a in ssh or []])  # type: ignore[arg-type]
     return GuardRuntime(core, own={OWN})
 
 

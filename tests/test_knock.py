@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from fakes import RefusingKernel
 from netlab import Lab
 
 from tm4 import knock
@@ -190,31 +191,14 @@ def test_rotate_cli_applies_to_the_kernel(lab: Lab, tmp_path: Path) -> None:
     assert f"knock4_{old.generation}_1" not in listing
 
 
-class RefusingBackend:
-    """A kernel that has tm4's table but refuses every new rule set."""
 
-    def apply(self, ruleset: Any, now: Any = None) -> None:
-        from tm4.errors import ApplyError
-        raise ApplyError("nft refused the change: simulated")
-
-    def apply_changes(self, changes: Any, now: Any = None) -> None:
-        pass
-
-    def present(self) -> bool:
-        return True
-
-    def listing(self) -> str:
-        return ""
-
-    def remove(self) -> None:
-        pass
 
 
 def test_rotate_is_all_or_nothing(tmp_path: Path) -> None:
     from tm4.errors import ApplyError
 
     config = cfg(tmp_path)
-    core = Core(config, backend=RefusingBackend(), store=Store(tmp_path / "tm4.db"), protect=[])
+    core = Core(config, backend=RefusingKernel(), store=Store(tmp_path / "tm4.db"), protect=[])
     before = knock.current(config, core.store)
     with pytest.raises(ApplyError):
         knock.rotate(core, actor="test")

@@ -8,6 +8,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from fakes import MemoryKernel
 
 from tm4.config import parse_config
 from tm4.core import Core
@@ -18,30 +19,11 @@ from tm4.store import MIGRATIONS, SCHEMA_VERSION, Store
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-class NullBackend:
-    """Records element changes; stands in for the kernel in store-only tests."""
 
-    def __init__(self) -> None:
-        self.changes: list[object] = []
-
-    def apply(self, ruleset: object, now: object = None) -> None:
-        self.changes.append(ruleset)
-
-    def apply_changes(self, changes: object, now: object = None) -> None:
-        self.changes.append(changes)
-
-    def present(self) -> bool:
-        return True
-
-    def listing(self) -> str | None:
-        return None
-
-    def remove(self) -> None:
-        pass
 
 
 def make_core(state: Path) -> Core:
-    return Core(parse_config({"state_dir": str(state)}), backend=NullBackend(), protect=[])  # type: ignore[arg-type]
+    return Core(parse_config({"state_dir": str(state)}), backend=MemoryKernel(), protect=[])  # type: ignore[arg-type]
 
 
 def test_fresh_store_has_current_schema_and_wal(tmp_path: Path) -> None:
