@@ -26,11 +26,23 @@ import asyncio
 import re
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
+
+from tm4.sim.ami import (
+    BANNER,
+    FULLY_BOOTED,
+    GOODBYE,
+    LOGIN_FAILED,
+    LOGIN_OK,
+    PONG,
+    UNKNOWN_ACTION,
+    address,
+    event_tv,
+    render_event,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ami"
 EOL = b"\r\n"
@@ -112,119 +124,11 @@ def security_capture() -> list[Session]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Rendering events in the captures' framing.
+# The server. Its answers and the security events it renders are tm4.sim.ami's (the lab's AMI
+# endpoint speaks the same).
 
-CAPTURED_ORDER: dict[tuple[str, str], tuple[str, ...]] = {
-    # (event, service) -> field order after Event and Privilege, as captured from Asterisk 22.
-    ("SuccessfulAuth", "AMI"): ("EventTV", "Severity", "Service", "EventVersion", "AccountID", "SessionID",
-                                "LocalAddress", "RemoteAddress", "UsingPassword", "SessionTV"),
-    ("SuccessfulAuth", "PJSIP"): ("EventTV", "Severity", "Service", "EventVersion", "AccountID", "SessionID",
-                                  "LocalAddress", "RemoteAddress", "UsingPassword"),
-    ("InvalidAccountID", "PJSIP"): ("EventTV", "Severity", "Service", "EventVersion", "AccountID",
-                                    "SessionID", "LocalAddress", "RemoteAddress"),
-    ("InvalidAccountID", "AMI"): ("EventTV", "Severity", "Service", "EventVersion", "AccountID", "SessionID",
-                                  "LocalAddress", "RemoteAddress", "SessionTV"),
-    ("ChallengeSent", "PJSIP"): ("EventTV", "Severity", "Service", "EventVersion", "AccountID", "SessionID",
-                                 "LocalAddress", "RemoteAddress", "Challenge"),
-    ("ChallengeResponseFailed", "PJSIP"): ("EventTV", "Severity", "Service", "EventVersion", "AccountID",
-                                           "SessionID", "LocalAddress", "RemoteAddress", "Challenge",
-                                           "Response", "ExpectedResponse"),
-    ("InvalidPassword", "AMI"): ("EventTV", "Severity", "Service", "EventVersion", "AccountID", "SessionID",
-                                 "LocalAddress", "RemoteAddress", "SessionTV"),
-    ("FailedACL", "AMI"): ("EventTV", "Severity", "Service", "EventVersion", "AccountID", "SessionID",
-                           "LocalAddress", "RemoteAddress", "SessionTV"),
-    ("FailedACL", "PJSIP"): ("EventTV", "Severity", "Service", "EventVersion", "AccountID", "SessionID",
-                             "LocalAddress", "RemoteAddress", "ACLName"),
-}
-
-_COMMON = ("EventTV", "Severity", "Service", "EventVersion", "AccountID", "SessionID",
-           "LocalAddress", "RemoteAddress")
-# SYNTHESIZED: the 9 types the captures lack; required then optional fields of
-# sec_events[] (main/security_events.c), which is how the 6 captured ones are ordered too.
-SYNTHESIZED_ORDER: dict[str, tuple[str, ...]] = {
-    "SessionLimit": _COMMON + ("Module", "SessionTV"),
-    "MemoryLimit": _COMMON + ("Module", "SessionTV"),
-    "LoadAverageLimit": _COMMON + ("Module", "SessionTV"),
-    "RequestNotSupported": _COMMON + ("RequestType", "Module", "SessionTV"),
-    "RequestNotAllowed": _COMMON + ("RequestType", "Module", "SessionTV", "RequestParams"),
-    "AuthMethodNotAllowed": _COMMON + ("AuthMethod", "Module", "SessionTV"),
-    "RequestBadFormat": ("EventTV", "Severity", "Service", "EventVersion", "SessionID", "LocalAddress",
-                         "RemoteAddress", "RequestType", "Module", "SessionTV", "AccountID", "RequestParams"),
-    "UnexpectedAddress": _COMMON + ("ExpectedAddress", "Module", "SessionTV"),
-    "InvalidTransport": _COMMON + ("AttemptedTransport", "Module", "SessionTV"),
-}
-SEVERITY = {"SuccessfulAuth": "Informational", "ChallengeSent": "Informational"}
-EVENT_VERSION = {"InvalidPassword": "2"}
-
-
-def event_tv(t: float | None = None) -> str:
-    """Asterisk's EventTV: 2026-11-21T04:49:21.873+0000."""
-    d = datetime.fromtimestamp(time.time() if t is None else t, UTC)
-    return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}+0000"
-
-
-def field_order(event: str, service: str) -> tuple[str, ...]:
-    order = CAPTURED_ORDER.get((event, service))
-    if order is not None:
-        return order
-    if event in SYNTHESIZED_ORDER:
-        return SYNTHESIZED_ORDER[event]
-    # A captured type from another service: its captured PJSIP order.
-    for (ev, _svc), fields in CAPTURED_ORDER.items():
-        if ev == event:
-            return fields
-    raise KeyError(event)
-
-
-def render_event(event: str, *, omit: Iterable[str] = (), privilege: str = "security,all",
-                 **values: str) -> bytes:
-    """One security event frame, fields in Asterisk's order; missing optional fields left out.
-
-    Values for the common fields default sensibly (EventTV now, Severity by type,
-    EventVersion 1)."""
-    service = values.get("Service", "PJSIP")
-    defaults = {
-        "EventTV": event_tv(),
-        "Severity": SEVERITY.get(event, "Error"),
-        "Service": service,
-        "EventVersion": EVENT_VERSION.get(event, "1"),
-        "AccountID": "<unknown>",
-        "SessionID": "",
-        "LocalAddress": "IPV4/UDP/192.0.2.1/5060",
-    }
-    captured = (event, service) in CAPTURED_ORDER
-    skip = set(omit)
-    lines = [f"Event: {event}", f"Privilege: {privilege}"]
-    for name in field_order(event, service):
-        if name in skip:
-            continue
-        if name in values:
-            lines.append(f"{name}: {values[name]}")
-        elif name in defaults:
-            lines.append(f"{name}: {defaults[name]}")
-        elif captured:
-            lines.append(f"{name}: ")  # Asterisk sends required fields even when empty
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-def address(ip: str, port: int, transport: str = "UDP") -> str:
-    fam = "IPV6" if ":" in ip else "IPV4"
-    return f"{fam}/{transport}/{ip}/{port}"
-
-
-# ---------------------------------------------------------------------------------------------
-# The server.
-
-BANNER = b"Asterisk Call Manager/11.0.0\r\n"  # as captured
-LOGIN_OK = b"Response: Success\r\nActionID: %s\r\nMessage: Authentication accepted\r\n\r\n"
-LOGIN_FAILED = b"Response: Error\r\nActionID: %s\r\nMessage: Authentication failed\r\n\r\n"
-GOODBYE = b"Response: Goodbye\r\nActionID: %s\r\nMessage: Thanks for all the fish.\r\n\r\n"
-FULLY_BOOTED = b"Event: FullyBooted\r\nPrivilege: system,all\r\nUptime: 30\r\nLastReload: 30\r\nStatus: Fully Booted\r\n\r\n"
-# SYNTHESIZED (not in the captures; manager.c action_ping / the Shutdown manager event):
-PONG = b"Response: Success\r\nActionID: %s\r\nPing: Pong\r\nTimestamp: %s\r\n\r\n"
+# SYNTHESIZED (not in the captures; the Shutdown manager event):
 SHUTDOWN = b"Event: Shutdown\r\nPrivilege: system,all\r\nShutdown: Cleanly\r\nRestart: True\r\n\r\n"
-UNKNOWN_ACTION = (b"Response: Error\r\nActionID: %s\r\nMessage: Invalid/unknown command: %s. "
-                  b"Use Action: ListCommands to show available commands.\r\n\r\n")
 
 
 def _actionid_line(action_id: str | None) -> bytes:

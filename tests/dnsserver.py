@@ -155,17 +155,15 @@ class DnsServer:
         return sorted(rd.to_text() for rrset in r.answer if rrset.rdtype == want for rd in rrset)
 
 
-class ScriptedServer:
-    """A UDP nameserver on loopback that answers as a test scripts it: `plan` is
-    called with each query and returns the datagrams to send back (none: drop)."""
+class _LoopbackUdp:
+    """A UDP socket on a loopback endpoint of its own, served by a thread until close():
+    each datagram goes to `received_from(data, peer)`."""
 
-    def __init__(self, plan: Callable[[dns.message.Message, int], list[bytes]]):
-        self.plan = plan
+    def __init__(self) -> None:
         self.address, self.port = unique_endpoint()
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((self.address, self.port))
         self.sock.settimeout(0.2)
-        self.queries: list[dns.message.Message] = []
         self._stop = False
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
@@ -180,15 +178,31 @@ class ScriptedServer:
                 data, peer = self.sock.recvfrom(4096)
             except (TimeoutError, OSError):
                 continue
-            q = dns.message.from_wire(data)
-            self.queries.append(q)
-            for out in self.plan(q, len(self.queries)):
-                self.sock.sendto(out, peer)
+            self.received_from(data, peer)
+
+    def received_from(self, data: bytes, peer: tuple[str, int]) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
         self._stop = True
         self._t.join(1)
         self.sock.close()
+
+
+class ScriptedServer(_LoopbackUdp):
+    """A UDP nameserver on loopback that answers as a test scripts it: `plan` is
+    called with each query and returns the datagrams to send back (none: drop)."""
+
+    def __init__(self, plan: Callable[[dns.message.Message, int], list[bytes]]):
+        self.plan = plan
+        self.queries: list[dns.message.Message] = []
+        super().__init__()
+
+    def received_from(self, data: bytes, peer: tuple[str, int]) -> None:
+        q = dns.message.from_wire(data)
+        self.queries.append(q)
+        for out in self.plan(q, len(self.queries)):
+            self.sock.sendto(out, peer)
 
 
 def reply(q: dns.message.Message, rcode: int = dns.rcode.NOERROR, a: Iterable[str] = (),
@@ -206,32 +220,12 @@ def reply(q: dns.message.Message, rcode: int = dns.rcode.NOERROR, a: Iterable[st
     return r.to_wire()
 
 
-class SilentServer:
+class SilentServer(_LoopbackUdp):
     """A UDP socket on loopback that swallows queries: every lookup times out."""
 
     def __init__(self) -> None:
-        self.address, self.port = unique_endpoint()
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((self.address, self.port))
-        self.sock.settimeout(0.2)
         self.received = 0
-        self._stop = False
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
+        super().__init__()
 
-    @property
-    def nameserver(self) -> str:
-        return f"{self.address}:{self.port}"
-
-    def _run(self) -> None:
-        while not self._stop:
-            try:
-                self.sock.recvfrom(4096)
-                self.received += 1
-            except (TimeoutError, OSError):
-                continue
-
-    def close(self) -> None:
-        self._stop = True
-        self._t.join(1)
-        self.sock.close()
+    def received_from(self, data: bytes, peer: tuple[str, int]) -> None:
+        self.received += 1

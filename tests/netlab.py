@@ -1,16 +1,14 @@
 """Network namespaces for tests: a PBX host and clients on one bridged segment.
 
-Sockets are opened inside a namespace by a thread that entered it (setns only
-moves the calling thread); a socket keeps its namespace for life, so the test
-then uses it like any other. Addresses only from 192.0.2.0/24, 198.51.100.0/24,
+Sockets are opened inside a namespace with tm4.netns.in_netns (a thread that entered
+it; setns only moves the calling thread); a socket keeps its namespace for life, so
+the test then uses it like any other. Addresses only from 192.0.2.0/24, 198.51.100.0/24,
 203.0.113.0/24 and 2001:db8::/32.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import ipaddress
 import itertools
 import os
@@ -19,11 +17,10 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
-T = TypeVar("T")
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+from tm4.netns import in_netns, tcp_connects
+
 _counter = itertools.count()
 
 PBX_ADDRS = ["192.0.2.1/24", "198.51.100.1/24", "203.0.113.1/24", "2001:db8::1/64"]
@@ -31,30 +28,6 @@ PBX_ADDRS = ["192.0.2.1/24", "198.51.100.1/24", "203.0.113.1/24", "2001:db8::1/6
 
 def sh(*argv: str, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(argv), check=check, capture_output=True, text=True, **kw)
-
-
-def in_netns(ns: str, fn: Callable[[], T]) -> T:
-    """Run fn in a thread inside network namespace `ns` and return its result."""
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"setns {ns}")
-            finally:
-                os.close(fd)
-            box["value"] = fn()
-        except BaseException as exc:  # handed to the caller below
-            box["error"] = exc
-
-    t = threading.Thread(target=target)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 class Host:
@@ -102,19 +75,7 @@ class Host:
                 s.close()
 
     def tcp_probe(self, dst: str, port: int, src: str | None = None, timeout: float = 0.5) -> bool:
-        fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
-        s = self.socket(fam, socket.SOCK_STREAM)
-        try:
-            if src:
-                s.bind((src, 0))
-            s.settimeout(timeout)
-            try:
-                s.connect((dst, port))
-                return True
-            except (TimeoutError, ConnectionRefusedError, OSError):
-                return False
-        finally:
-            s.close()
+        return tcp_connects(self.ns, dst, port, src, timeout)
 
 
 class Echo:

@@ -1,17 +1,10 @@
 """A test SIP registrar that answers like Asterisk 22's chan_pjsip and reports like it.
 
-It runs on a UDP socket inside the PBX namespace, so it sees exactly the packets
-the kernel let through: no packet, no event, no ban. For each REGISTER (or
-INVITE) it answers as the captures in tests/fixtures/ami/ show Asterisk doing
-(401 challenges with `nonce="<epoch>/<md5>"`, 401 again after a wrong digest,
-200 after a right one) and raises the matching AMI security events through an
-`emit(frame_bytes)` callable (the AMI simulator's, handed over thread-safely):
-
-- unknown user, no credentials:  InvalidAccountID + ChallengeSent
-- unknown user, credentials:     InvalidAccountID + ChallengeResponseFailed
-- known user, no credentials:    ChallengeSent
-- known user, wrong digest:      ChallengeResponseFailed
-- known user, right digest:      SuccessfulAuth (UsingPassword: 1)
+It runs on UDP sockets inside the PBX namespace, so it sees exactly the packets
+the kernel let through: no packet, no event, no ban. The answers and the AMI
+security events they raise are tm4.sim.sip.ChanPjsip's (the lab's registrar is
+the same code), handed to an `emit(frame_bytes)` callable (the AMI simulator's,
+handed over thread-safely); this one counts per source what arrived and failed.
 
 Optionally it writes Asterisk's `messages` log lines for the failures, in the
 captured format, for log readers such as fail2ban.
@@ -20,9 +13,6 @@ captured format, for log readers such as fail2ban.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import os
-import re
 import socket
 import threading
 import time
@@ -32,38 +22,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from amisim import address, event_tv, render_event
+from tm4.sim.ami import address
+from tm4.sim.sip import ChanPjsip, Peer, register_scenario
 
-REALM = "asterisk"
 USERS = {"1001": "secret1001", "1002": "secret1002"}
-_AUTH_KV = re.compile(r'(\w+)=(?:"([^"]*)"|([^,\s]+))')
-
-
-def md5(text: str) -> str:
-    return hashlib.md5(text.encode()).hexdigest()
-
-
-def parse_request(data: bytes) -> tuple[str, str, dict[str, str]] | None:
-    text = data.decode("utf-8", "replace")
-    head = text.split("\r\n\r\n", 1)[0]
-    lines = head.split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("SIP/2.0"):
-        return None
-    compact = {"i": "call-id", "f": "from", "t": "to", "v": "via", "m": "contact", "l": "content-length"}
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        k, sep, v = line.partition(":")
-        if not sep:
-            continue
-        k = k.strip().lower()
-        headers.setdefault(compact.get(k, k), v.strip())
-    return parts[0], parts[1], headers
-
-
-def from_user(value: str) -> str:
-    m = re.search(r"sips?:([^@;>]+)@", value)
-    return m.group(1) if m else ""
 
 
 def from_uri(value: str) -> str:
@@ -73,7 +35,7 @@ def from_uri(value: str) -> str:
     return value.split(";")[0].strip()
 
 
-class SipResponder:
+class SipResponder(ChanPjsip):
     def __init__(
         self,
         sock_factory: Callable[[int, int], socket.socket],
@@ -85,10 +47,7 @@ class SipResponder:
         log_path: Path | None = None,
         ipv6: bool = True,
     ) -> None:
-        self.emit = emit
-        self.local_ip = local_ip
-        self.port = port
-        self.users = users if users is not None else dict(USERS)
+        super().__init__(users if users is not None else dict(USERS), local_ip, port, emit)
         self.received: Counter[str] = Counter()
         self.first_seen: dict[str, float] = {}
         self.last_seen: dict[str, float] = {}
@@ -150,81 +109,23 @@ class SipResponder:
         with self._lock:
             return self.received[src]
 
-    # -- answer like Asterisk ------------------------------------------------------------
-    def handle(self, data: bytes, peer: tuple[Any, ...], now: float) -> bytes | None:
-        req = parse_request(data)
-        if req is None:
-            return None
-        method, uri, h = req
-        if method == "ACK":
-            return None
-        if method == "OPTIONS":
-            return self._reply(h, peer, "200 OK")
-        if method not in ("REGISTER", "INVITE"):
-            return self._reply(h, peer, "405 Method Not Allowed")
-        src, sport = peer[0], peer[1]
-        user = from_user(h.get("from", ""))
-        callid = h.get("call-id", "")
-        auth = h.get("authorization", "")
-        remote = address(src, sport)
-        local = address(self.local_ip if ":" not in src else "2001:db8::1", self.port)
-        common = {"SessionID": callid, "LocalAddress": local, "RemoteAddress": remote}
-        known = user in self.users
-        if not known:
-            self._event("InvalidAccountID", src, now, AccountID=user, **common)
-            self._log_failure(method, h, src, sport, "No matching endpoint found")
-        if not auth:
-            self._event("ChallengeSent", src, now, AccountID=user if known else "<unknown>",
-                        Challenge="", **common)
-            return self._challenge(h, peer)
-        kv = {m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
-              for m in _AUTH_KV.finditer(auth)}
-        nonce, response = kv.get("nonce", ""), kv.get("response", "")
-        if known and response == self._expected(method, kv, self.users[user]):
-            self._event("SuccessfulAuth", src, now, AccountID=user, UsingPassword="1", **common)
-            return self._reply(h, peer, "200 OK", extra=f"Expires: {h.get('expires', '60')}\r\n")
-        with self._lock:
-            self.failures.setdefault(src, []).append(now)
-            self.failed_sessions.setdefault(src, Counter())[callid] += 1
-        self._event("ChallengeResponseFailed", src, now, AccountID=user if known else "<unknown>",
-                    Challenge=nonce, Response=response, ExpectedResponse="", **common)
-        self._log_failure(method, h, src, sport, "Failed to authenticate")
-        return self._challenge(h, peer)
+    # -- what chan_pjsip saw ---------------------------------------------------------------
+    def local_address(self, src: str) -> str:
+        return address(self.local_ip if ":" not in src else "2001:db8::1", self.port)
 
-    @staticmethod
-    def _expected(method: str, kv: dict[str, str], password: str) -> str:
-        ha1 = md5(f"{kv.get('username', '')}:{kv.get('realm', REALM)}:{password}")
-        ha2 = md5(f"{method}:{kv.get('uri', '')}")
-        if kv.get("qop"):
-            return md5(f"{ha1}:{kv.get('nonce', '')}:{kv.get('nc', '')}:{kv.get('cnonce', '')}:{kv['qop']}:{ha2}")
-        return md5(f"{ha1}:{kv.get('nonce', '')}:{ha2}")
-
-    def _event(self, event: str, src: str, now: float, **values: str) -> None:
+    def event(self, event: str, **values: str) -> None:
         with self._lock:
             self.events[event] += 1
-        if self.emit is not None:
-            self.emit(render_event(event, Service="PJSIP", EventTV=event_tv(), **values))
+        super().event(event, **values)
 
-    def _challenge(self, h: dict[str, str], peer: tuple[Any, ...]) -> bytes:
-        stamp = int(time.time())
-        nonce = f"{stamp}/{md5(f'{stamp}{os.getpid()}')}"
-        www = (f'WWW-Authenticate: Digest realm="{REALM}",nonce="{nonce}",'
-               f'opaque="{os.urandom(8).hex()}",algorithm=MD5,qop="auth"\r\n')
-        return self._reply(h, peer, "401 Unauthorized", extra=www)
+    def unknown_user(self, method: str, h: dict[str, str], peer: Peer, now: float) -> None:
+        self._log_failure(method, h, peer[0], peer[1], "No matching endpoint found")
 
-    def _reply(self, h: dict[str, str], peer: tuple[Any, ...], status: str, extra: str = "") -> bytes:
-        via = h.get("via", "")
-        if via:
-            via = via.replace(";rport", "", 1)
-            via = f"{via.split(';', 1)[0]};rport={peer[1]};received={peer[0]}" + (
-                ";" + via.split(";", 1)[1] if ";" in via else "")
-        to = h.get("to", "")
-        if ";tag=" not in to:
-            to += f";tag=z9hG4bK-{os.getpid()}"
-        msg = (f"SIP/2.0 {status}\r\nVia: {via}\r\nCall-ID: {h.get('call-id', '')}\r\n"
-               f"From: {h.get('from', '')}\r\nTo: {to}\r\nCSeq: {h.get('cseq', '')}\r\n"
-               f"{extra}Server: Asterisk-lab\r\nContent-Length:  0\r\n\r\n")
-        return msg.encode()
+    def digest_failed(self, method: str, h: dict[str, str], peer: Peer, now: float, known: bool) -> None:
+        with self._lock:
+            self.failures.setdefault(peer[0], []).append(now)
+            self.failed_sessions.setdefault(peer[0], Counter())[h.get("call-id", "")] += 1
+        self._log_failure(method, h, peer[0], peer[1], "Failed to authenticate")
 
     def _log_failure(self, method: str, h: dict[str, str], src: str, sport: int, why: str) -> None:
         if self._log is None:
@@ -238,48 +139,8 @@ class SipResponder:
         )
 
 
-REGISTER_SCENARIO = """<?xml version="1.0" encoding="ISO-8859-1" ?>
-<!DOCTYPE scenario SYSTEM "sipp.dtd">
-<scenario name="REGISTER with digest authentication (as in the captures)">
-  <send retrans="500">
-    <![CDATA[
-REGISTER sip:[remote_ip]:[remote_port] SIP/2.0
-Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-From: <sip:[service]@[remote_ip]>;tag=[pid]SIPpTag[call_number]
-To: <sip:[service]@[remote_ip]>
-Call-ID: [call_id]
-CSeq: 1 REGISTER
-Contact: <sip:[service]@[local_ip]:[local_port]>
-Max-Forwards: 70
-Expires: 60
-User-Agent: sipp-lab
-Content-Length: 0
-
-    ]]>
-  </send>
-  <recv response="401" auth="true"/>
-  <send retrans="500">
-    <![CDATA[
-REGISTER sip:[remote_ip]:[remote_port] SIP/2.0
-Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-From: <sip:[service]@[remote_ip]>;tag=[pid]SIPpTag[call_number]
-To: <sip:[service]@[remote_ip]>
-Call-ID: [call_id]
-CSeq: 2 REGISTER
-Contact: <sip:[service]@[local_ip]:[local_port]>
-[authentication]
-Max-Forwards: 70
-Expires: 60
-User-Agent: sipp-lab
-Content-Length: 0
-
-    ]]>
-  </send>
-  <recv response="200" optional="true" next="done"/>
-  <recv response="401"/>
-  <label id="done"/>
-</scenario>
-"""
+REGISTER_SCENARIO = register_scenario("REGISTER with digest authentication (as in the captures)",
+                                      accept_200=True)
 
 
 def sipp_argv(scenario: Path, target: str, *, user: str, password: str, local_ip: str,

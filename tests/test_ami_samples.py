@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from amisim import FIXTURES, field_order
+from amisim import FIXTURES
 
 from tm4.asterisk.events import EventType, FrameParser, to_security_event
 from tm4.guard import classify
+from tm4.sim.ami import field_order
 
 SAMPLES = Path(__file__).parent / "samples" / "ami"
 CAPTURES = [p.read_bytes() for p in sorted(FIXTURES.glob("*.raw"))]

@@ -8,7 +8,6 @@ import time
 
 import pytest
 from amisim import (
-    CAPTURED_ORDER,
     FIXTURES,
     AmiSimulator,
     Session,
@@ -18,6 +17,7 @@ from amisim import (
 )
 
 from tm4.asterisk.events import FrameParser, to_security_event
+from tm4.sim.ami import CAPTURED_ORDER
 
 CAPTURES = {
     "security": ("ami_security_events.txt", ["ami_security_events.raw", "ami_failed_logins.raw"]),

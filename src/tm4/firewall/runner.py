@@ -7,15 +7,14 @@ entered the namespace (setns switches only the calling thread's netns).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import ApplyError
+from ..netns import enter_netns
 
-CLONE_NEWNET = 0x40000000
 # libnftables output flags (nftables.h): -j, -t (no set contents), -s (no counters)
 OUT_STATELESS = 1 << 2
 OUT_JSON = 1 << 4
@@ -69,13 +68,7 @@ class NftRunner:
                 self._pool = None
 
     def _enter_netns(self) -> None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        fd = os.open(f"/run/netns/{self.netns}", os.O_RDONLY)
-        try:
-            if libc.setns(fd, CLONE_NEWNET) != 0:
-                raise ApplyError(f"cannot enter network namespace {self.netns}: errno {ctypes.get_errno()}")
-        finally:
-            os.close(fd)
+        enter_netns(self.netns)
 
     def run(self, script: str, json_out: bool = False, terse: bool = False) -> str:
         """Run an nft script as one transaction; raise ApplyError with nft's own message.

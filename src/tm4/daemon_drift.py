@@ -1,0 +1,98 @@
+"""tm4d's drift repair: every daemon.drift_interval, compare the kernel's table with the
+last apply and put back what changed from outside (`nft flush ruleset`, a restarted
+nftables service), with an audit record and an alert."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from . import drift, notify
+from .core import Core
+from .model import Origin, format_time, utcnow
+from .store import Store
+
+if TYPE_CHECKING:
+    from .daemon_host import Daemon
+
+log = logging.getLogger("tm4.daemon")
+
+ELEMENT_CHECK_EVERY = 5  # compare set elements on every 5th drift check (rules on every one)
+
+
+class DriftRepair:
+    def __init__(self, daemon: Daemon, interval: float):
+        self.daemon = daemon
+        self.interval = interval
+        self.repairs = 0
+        self.last: dict[str, Any] | None = None
+        self.last_check: float | None = None
+        self.stale_warned = False
+        self._checks = 0
+        self._next_element_check = ELEMENT_CHECK_EVERY
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tm4-drift")
+        self._core: Core | None = None
+
+    def _check_core(self) -> Core:
+        """A core of the drift check's own (store connection and nft context), used only on
+        the drift worker thread: listing a table with 100,000 set elements takes nft a
+        large fraction of a second, which must not stall the guard on the loop."""
+        config = self.daemon.config
+        if self._core is None:
+            self._core = Core(config, store=Store(config.store_path), protect=[])
+        self._core.config = config
+        return self._core
+
+    async def check(self, elements: bool = True) -> drift.DriftReport:
+        """One look at the kernel, on the drift worker thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: drift.check(self._check_core(),
+                                                                          elements=elements))
+
+    async def drift_tick(self) -> None:
+        d = self.daemon
+        if d.disabled():
+            return
+        self._checks += 1
+        elements = self._checks >= self._next_element_check
+        t0 = time.perf_counter()
+        report = await self.check(elements)
+        took = time.perf_counter() - t0
+        if elements:
+            # every ELEMENT_CHECK_EVERY checks, but never more than ~3 % of the time
+            self._next_element_check = self._checks + max(ELEMENT_CHECK_EVERY,
+                                                          int(30 * took / self.interval) + 1)
+        self.last_check = time.time()
+        if report.stale_config and not self.stale_warned:
+            self.stale_warned = True
+            log.warning("event=config_differs reason=the rules in force were applied from a config tm4d has"
+                        " not loaded; send SIGHUP (`systemctl reload tm4d`)")
+        if not report:
+            return
+        # Our own writes may have landed between the store read and the kernel listing:
+        # look again before calling it drift.
+        report = await self.check(elements)
+        if not report or d.disabled():
+            return
+        found = report.summary()
+        log.warning("event=drift_found table=inet/tm4 found=%r", found)
+        ok = d.apply_all("drift repair")
+        self.repairs += ok
+        self.last = {"time": format_time(utcnow()), "found": found, "repaired": ok,
+                     "ms": round((time.perf_counter() - t0) * 1000, 1)}
+        d.core.audit("drift-repair" if ok else "drift", "inet tm4", Origin.ADMIN, "tm4d", found=found,
+                     repaired=ok)
+        notify.alert("drift_repaired" if ok else "drift_unrepaired", f"table inet tm4 changed from outside: "
+                     f"{found}; " + ("restored" if ok else "restore FAILED, retrying"), found=found)
+        if ok:
+            d.detect_neighbours()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"repairs": self.repairs, "last": self.last, "last_check": self.last_check,
+                "interval": self.daemon.config.daemon.drift_interval}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
