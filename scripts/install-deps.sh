@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEBS=(nftables iproute2 iptables ipset sip-tester sipvicious dnsmasq-base
-      espeak-ng sox libsox-fmt-all fail2ban netcat-openbsd iperf3 python3-venv)
+      espeak-ng sox libsox-fmt-all fail2ban netcat-openbsd iperf3 python3-venv
+      systemd passwd util-linux procps)
 
 missing=()
 for p in "${DEBS[@]}"; do

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import drift, notify
 from .core import Core
+from .firewall.generation import GenerationReader
 from .model import Origin, format_time, utcnow
 from .store import Store
 
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tm4.daemon")
 
 ELEMENT_CHECK_EVERY = 5  # compare set elements on every 5th drift check (rules on every one)
+FULL_CHECK_EVERY = 30  # even with an unchanged generation, look for real every 30th tick
 
 
 class DriftRepair:
@@ -35,6 +37,19 @@ class DriftRepair:
         self._next_element_check = ELEMENT_CHECK_EVERY
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="tm4-drift")
         self._core: Core | None = None
+        self._generations: GenerationReader | None = None
+        self._clean_generation: int | None = None  # ruleset generation of the last clean check
+        self._skipped = 0
+        self.skipped_checks = 0
+
+    def _generation(self) -> int | None:
+        """The kernel's ruleset generation (None if it cannot be read: then always check)."""
+        try:
+            if self._generations is None:
+                self._generations = GenerationReader(self.daemon.config.firewall.netns)
+            return self._generations.read()
+        except OSError:
+            return None
 
     def _check_core(self) -> Core:
         """A core of the drift check's own (store connection and nft context), used only on
@@ -56,6 +71,16 @@ class DriftRepair:
         d = self.daemon
         if d.disabled():
             return
+        loop = asyncio.get_running_loop()
+        generation = await loop.run_in_executor(self._pool, self._generation)
+        if (generation is not None and generation == self._clean_generation
+                and self._skipped < FULL_CHECK_EVERY):
+            # no transaction committed since the last clean check: nothing can have drifted
+            self._skipped += 1
+            self.skipped_checks += 1
+            self.last_check = time.time()
+            return
+        self._skipped = 0
         self._checks += 1
         elements = self._checks >= self._next_element_check
         t0 = time.perf_counter()
@@ -71,7 +96,10 @@ class DriftRepair:
             log.warning("event=config_differs reason=the rules in force were applied from a config tm4d has"
                         " not loaded; send SIGHUP (`systemctl reload tm4d`)")
         if not report:
+            if elements:  # clean in full: until the next commit there is nothing to look at
+                self._clean_generation = generation
             return
+        self._clean_generation = None
         # Our own writes may have landed between the store read and the kernel listing:
         # look again before calling it drift.
         report = await self.check(elements)
@@ -92,7 +120,10 @@ class DriftRepair:
 
     def to_json(self) -> dict[str, Any]:
         return {"repairs": self.repairs, "last": self.last, "last_check": self.last_check,
+                "skipped_checks": self.skipped_checks,
                 "interval": self.daemon.config.daemon.drift_interval}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._generations is not None:
+            self._generations.close()
