@@ -29,6 +29,8 @@ def test_verbs_go_through_the_daemon_and_fall_back_to_direct(tm4d: Tm4d, tmp_pat
     bans_daemon = json.loads(run(cfg, "bans", "--json"))
     log = json.loads(run(cfg, "log", "--json"))
     assert [r["action"] for r in log][-2:] == ["allow", "block"]
+    run(cfg, "apply")
+    assert json.loads(run(cfg, "log", "--json"))[-1]["action"] == "apply"
     assert all(r["actor"].startswith("uid=0") for r in log[-2:])
     tm4d.stop()
     direct = tmp_path / "direct.toml"

@@ -18,6 +18,7 @@ from .control import Peer, PermissionDenied
 from .core import Core
 from .daemon_reload import reload_config
 from .errors import ApplyError, ConfigError, ConflictError, ValidationError
+from .model import Origin
 
 if TYPE_CHECKING:
     from .daemon_host import Daemon
@@ -106,6 +107,8 @@ async def _op_apply(d: Daemon, a: dict[str, Any]) -> Any:
         raise ConfigError(f"not applied, the config is broken (the running one stays): {res['error']}")
     if not res["applied"]:
         raise ApplyError("the kernel refused the rule set; the previous one stays in force (see tm4d's log)")
+    actor = a.get("actor") if isinstance(a.get("actor"), str) else ""
+    d.core.audit("apply", "ruleset", Origin.ADMIN, actor, changed=res["changed"])
     return {"applied": True, "last_apply": d.core.store.get_meta("last_apply"),
             "changed": res["changed"], "needs_restart": res["needs_restart"]}
 

@@ -95,6 +95,7 @@ def op_bans(core: Core, a: dict[str, Any]) -> Any:
 
 def op_apply(core: Core, a: dict[str, Any]) -> Any:
     core.apply()
+    core.audit("apply", "ruleset", Origin.ADMIN, _str(a, "actor", ""))
     return {"applied": True, "last_apply": core.store.get_meta("last_apply")}
 
 
