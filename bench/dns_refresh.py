@@ -26,7 +26,8 @@ from dnsserver import DnsServer, dnsmasq_binary  # noqa: E402
 
 from tm4.config import parse_config  # noqa: E402
 from tm4.core import Core  # noqa: E402
-from tm4.dns import DnsResolver, DnsSettings, Refresher  # noqa: E402
+from tm4.dns import Refresher  # noqa: E402
+from tm4.dns_lookup import DnsResolver, DnsSettings  # noqa: E402
 from tm4.rules import Ruleset, SetChanges  # noqa: E402
 
 TARGET = 2.0
@@ -44,7 +45,7 @@ class NullBackend:
     def present(self) -> bool:
         return True
 
-    def listing(self) -> str | None:
+    def listing(self, terse: bool = False) -> str | None:
         return ""
 
     def remove(self) -> None:

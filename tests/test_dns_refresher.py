@@ -18,7 +18,8 @@ from fakes import MemoryKernel
 from tm4 import notify
 from tm4.config import parse_config
 from tm4.core import Core
-from tm4.dns import DnsSettings, Lookup, NameResult, Refresher, _Family, combine, parse_nameserver
+from tm4.dns import NameResult, Refresher
+from tm4.dns_lookup import DnsSettings, Lookup, _Family, combine, parse_nameserver
 from tm4.errors import ConfigError, NotFoundError
 from tm4.model import IPNetwork, utcnow
 

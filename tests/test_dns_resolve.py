@@ -13,7 +13,7 @@ import pytest
 from dnsserver import DnsServer, ScriptedServer, SilentServer, reply, unique_endpoint
 
 from tm4 import dnsclient
-from tm4.dns import DnsResolver, DnsSettings, Lookup, parse_nameserver
+from tm4.dns_lookup import DnsResolver, DnsSettings, Lookup, parse_nameserver
 
 
 @pytest.fixture

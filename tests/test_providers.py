@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
+from cli_support import store_only_cli
+from click.testing import Result
 from netlab import Echo, Lab
 
 from tm4 import providers as prov
-from tm4.cli import cli
 from tm4.config import parse_config
 from tm4.core import Core
 from tm4.errors import NotFoundError, ValidationError
@@ -79,14 +80,8 @@ def write_list(tmp: Path) -> Path:
 
 
 @pytest.fixture
-def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    cfg = tmp_path / "tm4.toml"
-    cfg.write_text(f'state_dir = "{tmp_path}/state"\n[firewall]\nnetns = "tm4-test-none"\n')
-    monkeypatch.setenv("TM4_NFT_SUBPROCESS", "1")  # the namespace does not exist: store only
-
-    def invoke(*args: str):  # type: ignore[no-untyped-def]
-        return CliRunner().invoke(cli, ["--config", str(cfg), *args])
-    return invoke
+def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Result]:
+    return store_only_cli(tmp_path, monkeypatch)
 
 
 def test_list_json_shape(run) -> None:  # type: ignore[no-untyped-def]

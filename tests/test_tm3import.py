@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from cli_support import store_only_cli
+from click.testing import Result
 
-from tm4.cli import cli
 from tm4.config import parse_config
 from tm4.model import Origin
 from tm4.tm3import import Rule, map_services, read_tm3
@@ -97,14 +98,8 @@ def test_port_mapping(proto: str, ports: list[tuple[int, int]], services: list[s
 
 
 @pytest.fixture
-def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    cfg = tmp_path / "tm4.toml"
-    cfg.write_text(f'state_dir = "{tmp_path}/state"\n[firewall]\nnetns = "tm4-test-none"\n')
-    monkeypatch.setenv("TM4_NFT_SUBPROCESS", "1")  # the namespace does not exist: store only
-
-    def invoke(*args: str):  # type: ignore[no-untyped-def]
-        return CliRunner().invoke(cli, ["--config", str(cfg), *args])
-    return invoke
+def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Result]:
+    return store_only_cli(tmp_path, monkeypatch)
 
 
 def test_dry_run_by_default_then_apply(run) -> None:  # type: ignore[no-untyped-def]

@@ -53,6 +53,7 @@ from .dialin import (
     Session,
     Verify,
     conversation,
+    run,
 )
 from .errors import Tm4Error
 
@@ -301,11 +302,7 @@ class ClassicTransport:
 
 def pump(steps: Steps, command: Callable[[str], AgiReply]) -> Reply:
     try:
-        cmd = next(steps)
-        while True:
-            cmd = steps.send(command(cmd))
-    except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
+        return run(steps, command)
     except AgiHangup:
         return HungUp()
     except AgiProtocolError as exc:  # a bug: end the call rather than talk out of step
@@ -316,17 +313,15 @@ def pump(steps: Steps, command: Callable[[str], AgiReply]) -> Reply:
 def drive(conv: Conversation, transport: ClassicTransport, backend: Any) -> Outcome:
     """Run a whole call over a synchronous transport."""
     speech = SpeechHolder()
-    try:
-        action = next(conv)
-        while True:
-            if is_backend(action):
-                reply = guarded(backend_call(backend, action))
-                speech.update(reply)
-            else:
-                reply = pump(channel_steps(action, transport.env, speech.speech), transport.command)
-            action = conv.send(reply)
-    except StopIteration as stop:
-        out: Outcome = stop.value
+
+    def perform(action: Action) -> Reply:
+        if is_backend(action):
+            reply = guarded(backend_call(backend, action))
+            speech.update(reply)
+            return reply
+        return pump(channel_steps(action, transport.env, speech.speech), transport.command)
+
+    out = run(conv, perform)
     with contextlib.suppress(Tm4Error):
         transport.command(f"VERBOSE {quote(outcome_line(out))} 1")
     return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from .dtmf import DtmfError, Reason, address_prompts, parse_keys_checked
 
@@ -342,11 +343,18 @@ def _confirm(s: Settings, out: Outcome) -> Generator[Action, Reply, bool | None]
     return None
 
 
-def run(conv: Conversation, perform: Callable[[Action], Reply]) -> Outcome:
-    """Drive a conversation with a function Action -> Reply (tests, simple transports)."""
+_Yield = TypeVar("_Yield")
+_Send = TypeVar("_Send")
+_Return = TypeVar("_Return")
+
+
+def run(gen: Generator[_Yield, _Send, _Return], perform: Callable[[_Yield], _Send]) -> _Return:
+    """Drive a generator to its end, sending back `perform` of each value it yields: a
+    conversation with a function Action -> Reply (tests, tm4.agi), or a channel action's
+    AGI commands with a transport's command function (tm4.agi.pump)."""
     try:
-        action = next(conv)
+        sent = next(gen)
         while True:
-            action = conv.send(perform(action))
+            sent = gen.send(perform(sent))
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]

@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from . import dialin_store
 from .core import Core
 from .durations import format_duration, parse_duration
 from .errors import ConfigError, ValidationError
@@ -59,8 +60,8 @@ class DialinLimits:
     def check(self, callerid: str) -> Verdict:
         now = self.core.clock()
         store = self.core.store
-        mine = store.dialin_failures(now - self.caller_window, callerid)
-        everyone = store.dialin_failures(now - self.global_window)
+        mine = dialin_store.failure_times(store, now - self.caller_window, callerid)
+        everyone = dialin_store.failure_times(store, now - self.global_window)
         allowed = len(mine) < self.caller_limit
         until = None
         if not allowed:
@@ -79,8 +80,8 @@ class DialinLimits:
         now = self.core.clock()
         store = self.core.store
         with store.transaction():
-            store.add_dialin_failure(callerid, now)
-            store.prune_dialin_failures(now - max(self.caller_window, self.global_window, timedelta(days=1)))
+            dialin_store.add_failure(store, callerid, now)
+            dialin_store.prune_failures(store, now - max(self.caller_window, self.global_window, timedelta(days=1)))
         after = self.check(callerid)
         actor = f"callerid={callerid}"
         self.core.audit("dialin-fail", callerid, Origin.DIALIN, actor, reason=reason,
@@ -105,7 +106,7 @@ class DialinLimits:
         return last is None or last <= now - self.global_window
 
     def record_success(self, callerid: str) -> None:
-        self.core.store.clear_dialin_failures(callerid)
+        dialin_store.clear_failures(self.core.store, callerid)
 
 
 def d_text(delta: timedelta) -> str:

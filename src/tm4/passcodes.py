@@ -26,6 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from . import dialin_store
 from .durations import format_duration, parse_duration
 from .errors import ConflictError, NotFoundError, StoreError, ValidationError
 from .model import format_time, parse_time, utcnow, validate_name
@@ -191,7 +192,7 @@ class PasscodeBook:
             raise ValidationError("--keep must be 1 to 16")
         if ttl is not None:
             ttl = format_duration(parse_duration(ttl))
-        if self.store.get_passcode(owner) is not None:
+        if dialin_store.get_passcode(self.store, owner) is not None:
             raise ConflictError(f"{owner!r} already has a passcode (use `tm4 passcode rotate {owner}`)")
         return self._write(owner, passcode, services=tuple(services), ttl=ttl, keep=keep,
                            length=length, created=self.clock())
@@ -209,13 +210,13 @@ class PasscodeBook:
             code = validate_passcode(passcode) if chosen else generate_passcode(length)  # type: ignore[arg-type]
             lookup = self.lookup(code)
             with self.store.transaction():
-                holder = self.store.passcode_by_lookup(lookup)
+                holder = dialin_store.passcode_by_lookup(self.store, lookup)
                 if holder is not None and holder["owner"] != owner:
                     if chosen:
                         raise ConflictError("that passcode is already in use; choose another")
                     continue
                 try:
-                    self.store.put_passcode({
+                    dialin_store.put_passcode(self.store, {
                         "owner": owner, "lookup": lookup, "hash": hash_passcode(code),
                         "services": json.dumps(list(services)), "ttl": ttl, "keep": keep,
                         "created": format_time(created), "last_used": None,
@@ -229,25 +230,25 @@ class PasscodeBook:
 
     def delete(self, owner: str) -> None:
         validate_owner(owner)
-        if not self.store.delete_passcode(owner):
+        if not dialin_store.delete_passcode(self.store, owner):
             raise NotFoundError(f"{owner!r} has no passcode")
 
     def get(self, owner: str) -> Passcode:
         validate_owner(owner)
-        row = self.store.get_passcode(owner)
+        row = dialin_store.get_passcode(self.store, owner)
         if row is None:
             raise NotFoundError(f"{owner!r} has no passcode")
         return _row(row)
 
     def list(self) -> list[Passcode]:
-        return [_row(r) for r in self.store.passcodes()]
+        return [_row(r) for r in dialin_store.passcodes(self.store)]
 
     # -- the call -------------------------------------------------------------
     def verify(self, passcode: str) -> Passcode | None:
         """The owner whose passcode this is, or None. Always exactly one scrypt."""
         code = passcode if isinstance(passcode, str) else ""
         well_formed = bool(re.fullmatch(rf"\d{{{MIN_DIGITS},{MAX_DIGITS}}}", code))
-        row = self.store.passcode_by_lookup(self.lookup(code)) if well_formed else None
+        row = dialin_store.passcode_by_lookup(self.store, self.lookup(code)) if well_formed else None
         if row is None:
             hash_passcode(code[:MAX_DIGITS], _DUMMY_SALT)  # same cost as a real check
             return None
@@ -256,7 +257,7 @@ class PasscodeBook:
         return _row(row)
 
     def mark_used(self, owner: str) -> None:
-        self.store.touch_passcode(owner, self.clock())
+        dialin_store.touch_passcode(self.store, owner, self.clock())
 
 
 def _row(r: dict[str, Any]) -> Passcode:

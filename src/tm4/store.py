@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
@@ -369,59 +369,10 @@ class Store:
                     marks = ",".join("?" for _ in row)
                     db.execute(f"INSERT INTO {table}({cols}) VALUES({marks})", tuple(row.values()))
 
-    # -- dial-in passcodes and failed tries (migration 3) ---------------------
-    def passcodes(self) -> list[dict[str, Any]]:
-        rows = self._db.execute("SELECT * FROM passcodes ORDER BY owner").fetchall()
-        return [dict(r) for r in rows]
-
-    def get_passcode(self, owner: str) -> dict[str, Any] | None:
-        row = self._db.execute("SELECT * FROM passcodes WHERE owner = ?", (owner,)).fetchone()
-        return dict(row) if row else None
-
-    def passcode_by_lookup(self, lookup: str) -> dict[str, Any] | None:
-        row = self._db.execute("SELECT * FROM passcodes WHERE lookup = ?", (lookup,)).fetchone()
-        return dict(row) if row else None
-
-    def put_passcode(self, row: dict[str, Any]) -> None:
-        """Insert or replace one owner's passcode (sqlite3.IntegrityError if `lookup` is taken)."""
-        with self.transaction() as db:
-            db.execute(
-                "INSERT INTO passcodes(owner, lookup, hash, services, ttl, keep, created, last_used)"
-                " VALUES(:owner, :lookup, :hash, :services, :ttl, :keep, :created, :last_used)"
-                " ON CONFLICT(owner) DO UPDATE SET lookup=excluded.lookup, hash=excluded.hash,"
-                " services=excluded.services, ttl=excluded.ttl, keep=excluded.keep,"
-                " created=excluded.created, last_used=excluded.last_used",
-                row,
-            )
-
-    def delete_passcode(self, owner: str) -> bool:
-        with self.transaction() as db:
-            return db.execute("DELETE FROM passcodes WHERE owner = ?", (owner,)).rowcount > 0
-
-    def touch_passcode(self, owner: str, ts: datetime) -> None:
-        with self.transaction() as db:
-            db.execute("UPDATE passcodes SET last_used = ? WHERE owner = ?", (format_time(ts), owner))
-
-    def add_dialin_failure(self, callerid: str, ts: datetime) -> None:
-        with self.transaction() as db:
-            db.execute("INSERT INTO dialin_failures(ts, callerid) VALUES(?, ?)", (format_time(ts), callerid))
-
-    def dialin_failures(self, since: datetime, callerid: str | None = None) -> list[str]:
-        """Times (ISO, oldest first) of failed tries since `since`, for one caller ID or all."""
-        sql = "SELECT ts FROM dialin_failures WHERE ts > ?"
-        args: tuple[Any, ...] = (format_time(since),)
-        if callerid is not None:
-            sql += " AND callerid = ?"
-            args += (callerid,)
-        return [r[0] for r in self._db.execute(sql + " ORDER BY ts, id", args).fetchall()]
-
-    def clear_dialin_failures(self, callerid: str) -> None:
-        with self.transaction() as db:
-            db.execute("DELETE FROM dialin_failures WHERE callerid = ?", (callerid,))
-
-    def prune_dialin_failures(self, before: datetime) -> None:
-        with self.transaction() as db:
-            db.execute("DELETE FROM dialin_failures WHERE ts <= ?", (format_time(before),))
+    # -- reads for the tables other modules keep (tm4.dialin_store) ------------
+    def rows(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """The rows of one read query (the dial-in tables: tm4.dialin_store)."""
+        return self._db.execute(sql, args).fetchall()
 
 
 def range_key(net: IPNetwork) -> tuple[int, str, str]:
