@@ -88,3 +88,17 @@ def test_promotion_is_granted_then_revoked_by_a_failure_then_the_source_can_be_b
     assert kinds[0] is RevokeDecision and not [a for a in rt.applied if a.error]
     assert rt.core.store.get_entry(p.name) is None
     assert [b.address for b in bans] == ["198.51.100.30"]
+
+
+def test_ami_timing_comes_from_the_config(tmp_path: Path) -> None:
+    import asyncio
+
+    cfg = parse_config({"state_dir": str(tmp_path), "ami": {"secret": "s", "ping_interval": "7s",
+                                                            "ping_timeout": "2s"}})
+    rt = GuardRuntime(Core(cfg, backend=MemoryKernel(), protect=[]), own={OWN})  # type: ignore[arg-type]
+
+    async def build() -> tuple[float, float, float]:
+        c = rt.make_client()
+        return c.ping_interval, c.ping_timeout, c.connect_timeout
+
+    assert asyncio.run(build()) == (7.0, 2.0, 3.0)

@@ -39,6 +39,10 @@ class AmiConfig:
     port: int = 5038
     username: str = "tm4"
     secret: str = ""
+    # A half-open connection is found by a Ping unanswered within ping_timeout.
+    ping_interval: str = "5s"
+    ping_timeout: str = "3s"
+    connect_timeout: str = "3s"
 
 
 @dataclass
@@ -220,6 +224,7 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
             raise ConfigError(f"firewall.rtp {cfg.firewall.rtp!r} touches ports below 1024; refused")
         for d in (cfg.guard.window, cfg.dialin.grant_ttl, cfg.dns.refresh_min, cfg.dns.refresh_max,
                   cfg.knock.ttl, cfg.firewall.clamp, *cfg.guard.bans,
+                  cfg.ami.ping_interval, cfg.ami.ping_timeout, cfg.ami.connect_timeout,
                   cfg.daemon.notify_timeout, cfg.daemon.drift_interval, cfg.daemon.sweep_interval,
                   cfg.daemon.safe_mode_short_boot, cfg.daemon.safe_mode_uptime):
             parse_duration(d)

@@ -22,6 +22,7 @@ from typing import Any
 from .asterisk.ami import AmiClient
 from .asterisk.events import SecurityEvent
 from .core import Core
+from .durations import parse_duration
 from .errors import ConfigError, Tm4Error
 from .guard import BanDecision, Decision, Guard, PromoteDecision, RevokeDecision
 from .model import IPAddress, IPNetwork, Origin, normalise_address
@@ -150,8 +151,14 @@ class GuardRuntime:
         ami = self.config.ami
         if not ami.secret:
             raise ConfigError("set [ami] secret (and username) in tm4.toml: the guard logs in to AMI")
+        timing = {
+            "ping_interval": parse_duration(ami.ping_interval).total_seconds(),
+            "ping_timeout": parse_duration(ami.ping_timeout).total_seconds(),
+            "connect_timeout": parse_duration(ami.connect_timeout).total_seconds(),
+        }
         return AmiClient(ami.host, ami.port, ami.username, ami.secret, on_event=self.handle,
-                         clock=self.clock, loop=asyncio.get_running_loop(), **self.client_options)
+                         clock=self.clock, loop=asyncio.get_running_loop(),
+                         **{**timing, **self.client_options})
 
     async def run(self) -> None:
         """Connect to AMI and guard until `close()`; reconnects by itself."""
