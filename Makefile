@@ -14,10 +14,12 @@ demo: lab
 
 test: deps
 	.venv/bin/ruff check src tests bench
+	.venv/bin/lint-imports --no-cache
 	CI=$${CI:-true} $(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: deps
 	.venv/bin/ruff check src tests bench
+	.venv/bin/lint-imports --no-cache
 
 sounds:
 	./scripts/render-sounds.sh

@@ -24,11 +24,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from dnsserver import DnsServer, dnsmasq_binary  # noqa: E402
 
-from tm4.config import parse_config  # noqa: E402
-from tm4.core import Core  # noqa: E402
-from tm4.dns import Refresher  # noqa: E402
-from tm4.dns_lookup import DnsResolver, DnsSettings  # noqa: E402
-from tm4.rules import Ruleset, SetChanges  # noqa: E402
+from tm4.core.config import parse_config  # noqa: E402
+from tm4.core.rules import Ruleset, SetChanges  # noqa: E402
+from tm4.dns.lookup import DnsResolver, DnsSettings  # noqa: E402
+from tm4.dns.refresher import Refresher  # noqa: E402
+from tm4.ops.engine import Core  # noqa: E402
 
 TARGET = 2.0
 

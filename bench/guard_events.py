@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from amisim import address, event_tv, render_event  # noqa: E402
 
 from tm4.asterisk.events import FrameParser, to_security_event  # noqa: E402
-from tm4.config import GuardConfig  # noqa: E402
-from tm4.guard import Guard  # noqa: E402
-from tm4.model import IPNetwork  # noqa: E402
+from tm4.core.config import GuardConfig  # noqa: E402
+from tm4.core.model import IPNetwork  # noqa: E402
+from tm4.guard.policy import Guard  # noqa: E402
 
 N_ATTEMPTS = 60_000
 READ = 64 * 1024

@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from amisim import AmiSimulator, LoopThread, address, render_event  # noqa: E402
 from netlab import Lab, wait_for  # noqa: E402
 
-from tm4.config import parse_config  # noqa: E402
-from tm4.core import Core  # noqa: E402
-from tm4.guard import BanDecision  # noqa: E402
-from tm4.guard_runtime import GuardRuntime  # noqa: E402
+from tm4.core.config import parse_config  # noqa: E402
+from tm4.guard.policy import BanDecision  # noqa: E402
+from tm4.guard.runtime import GuardRuntime  # noqa: E402
+from tm4.ops.engine import Core  # noqa: E402
 
 N = 200
 INTERVAL = 0.0001

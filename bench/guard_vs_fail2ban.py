@@ -35,9 +35,9 @@ from amisim import AmiSimulator, LoopThread  # noqa: E402
 from netlab import Lab, wait_for  # noqa: E402
 from sipsim import REGISTER_SCENARIO, SipResponder, sipp_argv  # noqa: E402
 
-from tm4.config import parse_config  # noqa: E402
-from tm4.core import Core  # noqa: E402
-from tm4.guard_runtime import GuardRuntime  # noqa: E402
+from tm4.core.config import parse_config  # noqa: E402
+from tm4.guard.runtime import GuardRuntime  # noqa: E402
+from tm4.ops.engine import Core  # noqa: E402
 
 ATT = "203.0.113.66"
 PBX = "192.0.2.1"

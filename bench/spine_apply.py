@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from netlab import Lab  # noqa: E402
 
-from tm4.config import parse_config  # noqa: E402
-from tm4.core import Core  # noqa: E402
-from tm4.model import Ban, Entry, Origin, Source, utcnow  # noqa: E402
+from tm4.core.config import parse_config  # noqa: E402
+from tm4.core.model import Ban, Entry, Origin, Source, utcnow  # noqa: E402
+from tm4.ops.engine import Core  # noqa: E402
 
 N_ENTRIES = 10_000
 N_BANS = 100_000

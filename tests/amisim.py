@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tm4.sim.ami import (
+from tm4.lab.sim.ami import (
     BANNER,
     FULLY_BOOTED,
     GOODBYE,
@@ -124,7 +124,7 @@ def security_capture() -> list[Session]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The server. Its answers and the security events it renders are tm4.sim.ami's (the lab's AMI
+# The server. Its answers and the security events it renders are tm4.lab.sim.ami's (the lab's AMI
 # endpoint speaks the same).
 
 # SYNTHESIZED (not in the captures; the Shutdown manager event):

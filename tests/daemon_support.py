@@ -14,10 +14,10 @@ from typing import Any
 
 from netlab import sh
 
-from tm4 import control
-from tm4.config import load_config
-from tm4.core import Core
+from tm4.core.config import load_config
 from tm4.firewall.nft import NftBackend
+from tm4.ops import control
+from tm4.ops.engine import Core
 
 
 class Tm4d:

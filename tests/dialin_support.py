@@ -12,10 +12,10 @@ from typing import Any
 
 from fakes import MemoryKernel
 
-from tm4.config import parse_config
-from tm4.core import Core
-from tm4.dialin_ops import passcode_book
-from tm4.model import utcnow
+from tm4.core.config import parse_config
+from tm4.core.model import utcnow
+from tm4.dialin.ops import passcode_book
+from tm4.ops.engine import Core
 
 
 class Clock:
@@ -79,7 +79,7 @@ def entry_addresses(core: Core, name: str) -> list[str]:
 
 
 class FakeTm4d:
-    """tm4d's control socket serving only the dial-in operations (tm4.control.ControlServer)."""
+    """tm4d's control socket serving only the dial-in operations (tm4.ops.control.ControlServer)."""
 
     def __init__(self, core: Core, path: Path):
         self.core = core
@@ -90,8 +90,8 @@ class FakeTm4d:
         self.calls: list[str] = []
 
     def handler(self, peer: Any, op: str, args: dict[str, Any]) -> Any:
-        from tm4.control import PermissionDenied
-        from tm4.dialin_ops import DIALIN_OPS
+        from tm4.dialin.ops import DIALIN_OPS
+        from tm4.ops.control import PermissionDenied
 
         self.calls.append(op)
         if op not in DIALIN_OPS:
@@ -99,7 +99,7 @@ class FakeTm4d:
         return DIALIN_OPS[op](self.core, args)
 
     def __enter__(self) -> FakeTm4d:
-        from tm4.control import ControlServer
+        from tm4.ops.control import ControlServer
 
         self.thread.start()
         self.server = ControlServer(self.path, self.handler, group="root")
@@ -116,7 +116,7 @@ class FakeTm4d:
 @contextlib.contextmanager
 def fastagi_server(core: Core | None, **kw: Any) -> Iterator[Any]:
     """tm4's FastAGI server on an ephemeral loopback port, in a thread with its own loop."""
-    from tm4.fastagi import start_fastagi
+    from tm4.dialin.fastagi import start_fastagi
 
     loop = asyncio.new_event_loop()
     t = threading.Thread(target=loop.run_forever, daemon=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from tm4.errors import ApplyError
-from tm4.rules import Ruleset, SetChanges
+from tm4.core.errors import ApplyError
+from tm4.core.rules import Ruleset, SetChanges
 
 
 class MemoryKernel:

@@ -1,6 +1,6 @@
 """Network namespaces for tests: a PBX host and clients on one bridged segment.
 
-Sockets are opened inside a namespace with tm4.netns.in_netns (a thread that entered
+Sockets are opened inside a namespace with tm4.firewall.netns.in_netns (a thread that entered
 it; setns only moves the calling thread); a socket keeps its namespace for life, so
 the test then uses it like any other. Addresses only from 192.0.2.0/24, 198.51.100.0/24,
 203.0.113.0/24 and 2001:db8::/32.
@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tm4.netns import in_netns, tcp_connects
+from tm4.firewall.netns import in_netns, tcp_connects
 
 _counter = itertools.count()
 

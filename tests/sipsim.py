@@ -2,7 +2,7 @@
 
 It runs on UDP sockets inside the PBX namespace, so it sees exactly the packets
 the kernel let through: no packet, no event, no ban. The answers and the AMI
-security events they raise are tm4.sim.sip.ChanPjsip's (the lab's registrar is
+security events they raise are tm4.lab.sim.sip.ChanPjsip's (the lab's registrar is
 the same code), handed to an `emit(frame_bytes)` callable (the AMI simulator's,
 handed over thread-safely); this one counts per source what arrived and failed.
 
@@ -22,8 +22,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tm4.sim.ami import address
-from tm4.sim.sip import ChanPjsip, Peer, register_scenario
+from tm4.lab.sim.ami import address
+from tm4.lab.sim.sip import ChanPjsip, Peer, register_scenario
 
 USERS = {"1001": "secret1001", "1002": "secret1002"}
 

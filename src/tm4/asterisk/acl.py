@@ -20,12 +20,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..config import Config
-from ..core import Core
-from ..model import Entry, IPAddress, IPNetwork, format_time, normalise_address
-from ..services import ALL, SIP_SERVICES
-from .conffile import ConfParseError, atomic_write, parse_conf, read_conf
-from .reload import AmiActionError, AmiError, reload_module, run_command
+from tm4.asterisk.conffile import ConfParseError, atomic_write, parse_conf, read_conf
+from tm4.asterisk.reload import AmiActionError, AmiError, reload_module, run_command
+from tm4.core.config import Config
+from tm4.core.model import Entry, IPAddress, IPNetwork, format_time, normalise_address
+from tm4.core.services import ALL, SIP_SERVICES
+from tm4.ops.engine import Core
 
 log = logging.getLogger("tm4.asterisk")
 

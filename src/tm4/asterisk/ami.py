@@ -40,9 +40,9 @@ from panoramisk.actions import Action
 from panoramisk.ami_protocol import AMIProtocol
 from panoramisk.message import Message
 
-from ..errors import Tm4Error, ValidationError
-from ..model import IPAddress, normalise_address
-from .events import Frame, FrameParser, SecurityEvent, to_security_event
+from tm4.asterisk.events import Frame, FrameParser, SecurityEvent, to_security_event
+from tm4.core.errors import Tm4Error, ValidationError
+from tm4.core.model import IPAddress, normalise_address
 
 log = logging.getLogger("tm4.ami")
 

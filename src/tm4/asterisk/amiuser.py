@@ -14,8 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, ValidationError
-from .conffile import ConfParseError, atomic_write, ensure_include, parse_conf, read_conf
+from tm4.asterisk.conffile import (
+    ConfParseError,
+    atomic_write,
+    ensure_include,
+    parse_conf,
+    read_conf,
+)
+from tm4.core.errors import ConfigError, ValidationError
 
 MANAGER_FILE = "manager_tm4.conf"
 READ = "system,security"

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ..errors import ConflictError, Tm4Error
+from tm4.core.errors import ConflictError, Tm4Error
 
 
 class ConfParseError(Tm4Error):

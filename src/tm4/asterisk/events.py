@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
 
-from ..errors import ValidationError
-from ..model import IPAddress, normalise_address
+from tm4.core.errors import ValidationError
+from tm4.core.model import IPAddress, normalise_address
 
 BANNER_PREFIX = b"Asterisk Call Manager/"
 EOL = b"\r\n"

@@ -11,13 +11,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import AmiConfig
-from ..core import Core
-from ..errors import ConfigError, ConflictError
-from .acl import ACL_FILE, ACL_NAME, PENDING_KEY, AclSync, acl_path, flush_pending, write_acl
-from .amiuser import ManagerUser, ami_enabled, ensure_manager_user
-from .conffile import IncludeEdit, ensure_include, read_conf
-from .reload import AmiError, AmiSession, reload_module
+from tm4.asterisk.acl import (
+    ACL_FILE,
+    ACL_NAME,
+    PENDING_KEY,
+    AclSync,
+    acl_path,
+    flush_pending,
+    write_acl,
+)
+from tm4.asterisk.amiuser import ManagerUser, ami_enabled, ensure_manager_user
+from tm4.asterisk.conffile import IncludeEdit, ensure_include, read_conf
+from tm4.asterisk.reload import AmiError, AmiSession, reload_module
+from tm4.core.config import AmiConfig
+from tm4.core.errors import ConfigError, ConflictError
+from tm4.ops.engine import Core
 
 Rx = Callable[[str], str | None]  # runs an Asterisk CLI command; None: cannot
 

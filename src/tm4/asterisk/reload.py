@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
-from ..config import AmiConfig
-from ..errors import Tm4Error, ValidationError
+from tm4.core.config import AmiConfig
+from tm4.core.errors import Tm4Error, ValidationError
 
 _KEY_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 _MODULE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")

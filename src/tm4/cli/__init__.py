@@ -1,4 +1,7 @@
-"""tm4's command line. Each module in this package adds its commands with `register(group)`."""
+"""tm4's command line. Each module in this package adds its commands with `register(group)`.
+
+May import every package: it is the top layer, with tm4.lab below it.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,8 @@ import sys
 
 import click
 
-from ..errors import Tm4Error
-from .common import Ctx
+from tm4.cli.common import Ctx
+from tm4.core.errors import Tm4Error
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

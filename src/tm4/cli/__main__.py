@@ -1,3 +1,3 @@
-from . import main
+from tm4.cli import main
 
 main()

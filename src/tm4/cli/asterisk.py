@@ -6,10 +6,10 @@ import asyncio
 
 import click
 
-from ..asterisk.acl import acl_status, render_acl, sync_acl_async
-from ..asterisk.install import install_async
-from ..config import config_path
-from .common import Ctx, echo_json, json_option, pass_ctx
+from tm4.asterisk.acl import acl_status, render_acl, sync_acl_async
+from tm4.asterisk.install import install_async
+from tm4.cli.common import Ctx, echo_json, json_option, pass_ctx
+from tm4.core.config import config_path
 
 
 def register(cli: click.Group) -> None:

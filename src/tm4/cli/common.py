@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import click
 
-from ..config import Config, load_config
-from ..core import Core
-from ..durations import parse_duration
-from ..errors import ValidationError
+from tm4.core.config import Config, load_config
+from tm4.core.durations import parse_duration
+from tm4.core.errors import ValidationError
+from tm4.ops.engine import Core
 
 
 class Ctx:
@@ -31,18 +33,16 @@ class Ctx:
 
     def call(self, op: str, args: dict[str, Any]) -> Any:
         """Run a root operation through tm4d when it runs, else directly (root only):
-        the same function either way (tm4.ops), so the results are the same."""
-        from ..control import invoke
-
+        the same function either way (tm4.ops.root), so the results are the same."""
         args = {**args, "actor": self.actor}
 
-        def local() -> Core:
+        def local_core() -> Core:
             core = self.core
             if args.get("force"):
                 core._protect = []
             return core
 
-        return invoke(self.config.daemon.socket, op, args, local)
+        return invoke(self.config.daemon.socket, op, args, local_core)
 
     @property
     def actor(self) -> str:
@@ -76,3 +76,15 @@ def ttl_option(help_text: str = "lifetime, e.g. 2h, 1d (default: permanent)", *,
 
 def echo_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=False))
+
+
+def invoke(socket_path: str | Path, op: str, args: dict[str, Any],
+           local_core: Callable[[], Core]) -> Any:
+    """Through tm4d when it runs, else in this process (root only): the root operations
+    (tm4.ops.root) and the dial-in ones (tm4.dialin.ops), the same functions tm4d runs."""
+    from tm4.dialin.ops import DIALIN_OPS
+    from tm4.ops.control import invoke as through_socket_or_here
+    from tm4.ops.root import run_local
+
+    return through_socket_or_here(
+        socket_path, op, args, lambda o, a: run_local(local_core(), o, a, DIALIN_OPS))

@@ -11,14 +11,12 @@ from typing import Any
 
 import click
 
-from ..errors import Tm4Error
-from .common import Ctx, echo_json, json_option, pass_ctx
+from tm4.cli.common import Ctx, echo_json, invoke, json_option, pass_ctx
+from tm4.core.errors import Tm4Error
 
 
 def _invoke(ctx: Ctx, op: str, args: dict[str, Any] | None = None) -> Any:
     """Through tm4d when it runs, else directly (root)."""
-    from ..control import invoke
-
     args = dict(args or {})
     args.setdefault("actor", ctx.actor)
     return invoke(ctx.config.daemon.socket, op, args, lambda: ctx.core)
@@ -37,7 +35,7 @@ def daemon_group() -> None:
 @pass_ctx
 def daemon_run(ctx: Ctx, boot: bool, verbose: bool) -> None:
     """Run tm4d in the foreground (systemd runs the `tm4d` program the same way)."""
-    from ..daemon import main
+    from tm4.daemon.main import main
 
     argv = (["--config", ctx.config_path] if ctx.config_path else []) + (["--boot"] if boot else [])
     sys.exit(main(argv + (["-v"] if verbose else [])))
@@ -48,7 +46,7 @@ def daemon_run(ctx: Ctx, boot: bool, verbose: bool) -> None:
 @pass_ctx
 def daemon_status(ctx: Ctx, as_json: bool) -> None:
     """What tm4d hosts, and how each part is doing."""
-    from ..control import request
+    from tm4.ops.control import request
 
     st = request(ctx.config.daemon.socket, "status")
     if as_json:
@@ -73,7 +71,7 @@ def daemon_status(ctx: Ctx, as_json: bool) -> None:
 @pass_ctx
 def daemon_reload(ctx: Ctx) -> None:
     """Re-read the config (like SIGHUP); a broken file is reported and the running one kept."""
-    from ..control import request
+    from tm4.ops.control import request
 
     res = request(ctx.config.daemon.socket, "reload")
     if not res["reloaded"]:
@@ -148,8 +146,8 @@ def _tm4d_path() -> str:
 @pass_ctx
 def install_service(ctx: Ctx, root: str, tm4d: str | None, no_enable: bool) -> None:
     """Put the systemd units, /etc/tm4/tm4.toml (commented) and the state directory in place."""
-    from ..initsetup import config_skeleton
-    from ..units import protect_home_for, render_units
+    from tm4.daemon.initsetup import config_skeleton
+    from tm4.daemon.units import protect_home_for, render_units
 
     base = Path(root)
     cfg_path = Path(ctx.config_path or "/etc/tm4/tm4.toml")
@@ -199,7 +197,13 @@ def install_service(ctx: Ctx, root: str, tm4d: str | None, no_enable: bool) -> N
 def init(ctx: Ctx, write: bool, overwrite: bool, trust: tuple[str, ...], asterisk_dir: str | None,
          skeleton: bool, as_json: bool) -> None:
     """First-run setup: detect addresses, your SSH client, LANs and Asterisk's ports; write the config."""
-    from ..initsetup import config_skeleton, detect, merge_values, plan_config, write_config
+    from tm4.daemon.initsetup import (
+        config_skeleton,
+        detect,
+        merge_values,
+        plan_config,
+        write_config,
+    )
 
     if skeleton:
         click.echo(config_skeleton(), nl=False)
@@ -237,8 +241,8 @@ def init(ctx: Ctx, write: bool, overwrite: bool, trust: tuple[str, ...], asteris
         return
     write_config(cfg_path, text, overwrite=overwrite)
     click.echo(f"wrote {cfg_path}")
-    from ..config import load_config
-    from ..core import Core
+    from tm4.core.config import load_config
+    from tm4.ops.engine import Core
 
     core = Core(load_config(cfg_path), protect=[])
     for i, addr in enumerate(det.ssh_clients):

@@ -7,12 +7,12 @@ from datetime import timedelta
 
 import click
 
-from ..durations import format_duration
-from ..errors import NotFoundError, ValidationError
-from ..model import Origin, format_time
-from ..passcodes import DEFAULT_DIGITS, MAX_DIGITS, MIN_DIGITS, Passcode, PasscodeBook
-from ..services import resolve_services
-from .common import Ctx, echo_json, json_option, pass_ctx, ttl_option
+from tm4.cli.common import Ctx, echo_json, json_option, pass_ctx, ttl_option
+from tm4.core.durations import format_duration
+from tm4.core.errors import NotFoundError, ValidationError
+from tm4.core.model import Origin, format_time
+from tm4.core.services import resolve_services
+from tm4.dialin.passcodes import DEFAULT_DIGITS, MAX_DIGITS, MIN_DIGITS, Passcode, PasscodeBook
 
 
 def _book(ctx: Ctx) -> PasscodeBook:

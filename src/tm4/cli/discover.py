@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .. import discover as disc_mod
-from .common import Ctx, echo_json, json_option, pass_ctx
+from tm4.asterisk import discover as disc_mod
+from tm4.cli.common import Ctx, echo_json, json_option, pass_ctx
 
 
 @click.command("discover")
@@ -22,7 +22,7 @@ def discover(ctx: Ctx, config_dir: str | None, use_ami: bool, do_apply: bool, no
     """Find SIP/IAX trunks in Asterisk and propose one entry per trunk, for its protocol only."""
     cfg = ctx.config
     if use_ami:
-        from ..discover_ami import discover_ami
+        from tm4.asterisk.discover_ami import discover_ami
 
         found = discover_ami(cfg.ami.host, cfg.ami.port, cfg.ami.username, cfg.ami.secret)
     else:

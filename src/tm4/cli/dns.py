@@ -6,10 +6,10 @@ import asyncio
 
 import click
 
-from ..asterisk.acl import sync_acl_async
-from ..dns import NameResult, refresh_now
-from ..model import format_time
-from .common import Ctx, echo_json, json_option, pass_ctx
+from tm4.asterisk.acl import sync_acl_async
+from tm4.cli.common import Ctx, echo_json, json_option, pass_ctx
+from tm4.core.model import format_time
+from tm4.dns.refresher import NameResult, refresh_now
 
 
 def register(cli: click.Group) -> None:

@@ -14,12 +14,12 @@ from typing import Any
 
 import click
 
-from .common import Ctx, pass_ctx
+from tm4.cli.common import Ctx, pass_ctx
 
 
 def decision_json(d: Any, **extra: Any) -> dict[str, Any]:
-    from ..durations import format_duration
-    from ..guard import BanDecision, PromoteDecision, RevokeDecision
+    from tm4.core.durations import format_duration
+    from tm4.guard.policy import BanDecision, PromoteDecision, RevokeDecision
 
     if isinstance(d, BanDecision):
         out: dict[str, Any] = {"action": "ban", "address": d.address, "ttl": format_duration(d.ttl),
@@ -60,7 +60,7 @@ def guard(cctx: click.Context, dry_run: bool, as_json: bool, verbose: bool) -> N
 
 
 async def _run(core: Any, dry_run: bool, as_json: bool) -> None:
-    from ..guard_runtime import Applied, GuardRuntime
+    from tm4.guard.runtime import Applied, GuardRuntime
 
     def report(rec: Applied) -> None:
         ms = round((rec.done - rec.received) * 1000, 2)
@@ -99,8 +99,8 @@ def replay(ctx: Ctx, capture: Path, as_json: bool) -> None:
 
     Prints each security event's verdict and what the guard would decide; changes
     nothing. Time is taken from EventTV. Only loopback counts as protected here."""
-    from ..asterisk.events import FrameParser, to_security_event
-    from ..guard import Guard, classify
+    from tm4.asterisk.events import FrameParser, to_security_event
+    from tm4.guard.policy import Guard, classify
 
     def protected(net: Any) -> bool:
         return bool(net.network_address.is_loopback)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .. import knock as knock_mod
-from .common import Ctx, echo_json, json_option, pass_ctx
+from tm4.cli.common import Ctx, echo_json, json_option, pass_ctx
+from tm4.knock import sequence as knock_mod
 
 
 @click.group("knock")

@@ -14,8 +14,8 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="print the timeline as JSON at the end")
 def lab(keep: bool, asterisk: str | None, as_json: bool) -> None:
     """Build pbx/phone/attacker/dns namespaces, run tm4d in pbx, attack it, dial in, move a DDNS name."""
-    from ..lab import run_lab
-    from ..lab_timeline import steps_json, summary
+    from tm4.lab.story import run_lab
+    from tm4.lab.timeline import steps_json, summary
 
     click.echo("tm4 lab: everything below happens in private network namespaces on this machine")
     try:

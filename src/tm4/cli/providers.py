@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from .. import providers as prov
-from ..model import net_text
-from .common import Ctx, echo_json, json_option, pass_ctx
+from tm4.cli.common import Ctx, echo_json, json_option, pass_ctx
+from tm4.core.model import net_text
+from tm4.sources import providers as prov
 
 file_option = click.option("--file", "path", default=None, metavar="PATH",
                            help="another providers file in the same format (default: the bundled one)")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .. import tm3import
-from .common import Ctx, echo_json, json_option, pass_ctx
+from tm4.cli.common import Ctx, echo_json, json_option, pass_ctx
+from tm4.sources import tm3import
 
 
 @click.command("tm3")

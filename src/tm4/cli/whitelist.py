@@ -7,12 +7,12 @@ from typing import Any
 
 import click
 
-from .. import confirm as confirm_mod
-from ..core import rules_fingerprint
-from ..errors import ValidationError
-from ..plan import make_plan
-from ..services import TM3_MENU
-from .common import Ctx, echo_json, json_option, pass_ctx, ttl_option
+from tm4.cli.common import Ctx, echo_json, json_option, pass_ctx, ttl_option
+from tm4.core.errors import ValidationError
+from tm4.core.services import TM3_MENU
+from tm4.firewall.plan import make_plan
+from tm4.ops import confirm as confirm_mod
+from tm4.ops.engine import rules_fingerprint
 
 
 def _services_or_menu(services: tuple[str, ...]) -> list[str]:
@@ -157,7 +157,7 @@ def plan(ctx: Ctx, as_json: bool) -> None:
 @pass_ctx
 def apply(ctx: Ctx, confirm_secs: int | None, force: bool) -> None:
     """Load the whole rule set into the kernel in one transaction."""
-    from ..lockout import check_apply_lockout
+    from tm4.ops.lockout import check_apply_lockout
 
     core = ctx.core
     rs = core.render()
@@ -189,7 +189,7 @@ def confirm(ctx: Ctx) -> None:
 @pass_ctx
 def status(ctx: Ctx, as_json: bool) -> None:
     """Is the table loaded, what is in it, does it match the store?"""
-    from ..status import gather_status
+    from tm4.daemon.status import gather_status
 
     st = gather_status(ctx.core)
     if as_json:
@@ -251,7 +251,7 @@ def add_ip(ctx: Ctx, name: str, ip: str, codes: tuple[str, ...]) -> None:
 @pass_ctx
 def add_fqdn(ctx: Ctx, name: str, fqdn: str, codes: tuple[str, ...]) -> None:
     """TM3: whitelist a DNS name as NAME with permission codes 0-9."""
-    from ..model import validate_fqdn
+    from tm4.core.model import validate_fqdn
 
     validate_fqdn(fqdn)
     _do_add(ctx, name.lower(), [fqdn], _services_or_menu(codes), None, "", False, False)

@@ -1,10 +1,14 @@
-"""Firewall backends: turn a Ruleset into kernel state, atomically."""
+"""Firewall backends: turn a Ruleset into kernel state, atomically (nftables; iptables +
+ipset), the plan (desired versus kernel), the netns helper and the other firewalls on the host.
+
+May import: tm4.core.
+"""
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from ..rules import Ruleset, SetChanges
+from tm4.core.rules import Ruleset, SetChanges
 
 
 class Backend(Protocol):
@@ -26,9 +30,9 @@ class Backend(Protocol):
 
 def make_backend(kind: str, netns: str = "") -> Backend:
     if kind == "iptables":
-        from .iptables import IptablesBackend
+        from tm4.firewall.iptables import IptablesBackend
 
         return IptablesBackend(netns=netns)
-    from .nft import NftBackend
+    from tm4.firewall.nft import NftBackend
 
     return NftBackend(netns=netns)

@@ -12,7 +12,7 @@ import os
 import socket
 import struct
 
-from ..netns import in_netns
+from tm4.firewall.netns import in_netns
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10

@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import NoReturn
 
-from ..errors import ApplyError
-from ..rules import Ruleset, SetChanges
-from .iptables_live import (
+from tm4.core.errors import ApplyError
+from tm4.core.rules import Ruleset, SetChanges
+from tm4.firewall.iptables_live import (
     LiveChains,
     LiveSet,
     member_json,
@@ -35,8 +35,8 @@ from .iptables_live import (
     parse_save,
     targets_tm4,
 )
-from .iptables_names import CHAIN, SET_PREFIX, TEMP_PREFIX, ipset_name, temp_name
-from .iptables_render import (
+from tm4.firewall.iptables_names import CHAIN, SET_PREFIX, TEMP_PREFIX, ipset_name, temp_name
+from tm4.firewall.iptables_render import (
     SetSpec,
     prefix_intervals,
     render_ipset,
@@ -44,8 +44,8 @@ from .iptables_render import (
     restore_text,
     set_specs,
 )
-from .iptables_rule_parser import TranslateError
-from .iptables_translate import translate
+from tm4.firewall.iptables_rule_parser import TranslateError
+from tm4.firewall.iptables_translate import translate
 
 # prefix_intervals: plan.py compares this backend's elements as prefixes.
 __all__ = ["IptablesBackend", "TranslateError", "prefix_intervals"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .iptables_names import CHAIN_PREFIX
+from tm4.firewall.iptables_names import CHAIN_PREFIX
 
 
 def targets_tm4(rule: str) -> bool:

@@ -21,11 +21,11 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from ..rules import Element, Ruleset, SetChanges, addr_text
-from .iptables_live import LiveChains
-from .iptables_names import CHAIN, ipset_name, temp_name
-from .iptables_rule_parser import NEEDS_NFT, TranslateError
-from .iptables_translate import translate
+from tm4.core.rules import Element, Ruleset, SetChanges, addr_text
+from tm4.firewall.iptables_live import LiveChains
+from tm4.firewall.iptables_names import CHAIN, ipset_name, temp_name
+from tm4.firewall.iptables_rule_parser import NEEDS_NFT, TranslateError
+from tm4.firewall.iptables_translate import translate
 
 MAX_TIMEOUT = 2147483  # ipset's limit for one element's timeout, in seconds
 MAXELEM = 1 << 20  # room for 200,000 bans and then some; memory grows with use only
@@ -151,7 +151,7 @@ class SetSpec:
 def _seconds(text: str) -> int:
     if not text:
         return 0
-    from ..durations import parse_duration
+    from tm4.core.durations import parse_duration
 
     return max(0, int(parse_duration(text).total_seconds()))
 

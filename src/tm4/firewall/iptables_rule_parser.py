@@ -14,9 +14,9 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from ..errors import ApplyError
-from ..rules import NftSet
-from .iptables_names import chain_name, digest, ipset_name
+from tm4.core.errors import ApplyError
+from tm4.core.rules import NftSet
+from tm4.firewall.iptables_names import chain_name, digest, ipset_name
 
 MULTIPORT_SLOTS = 15  # xt_multiport: 15 ports, a range counts as two
 NEEDS_NFT = 'this needs the nft backend (firewall.backend = "nft")'

@@ -21,9 +21,9 @@ import itertools
 import re
 from dataclasses import dataclass
 
-from ..rules import Ruleset
-from .iptables_names import chain_name
-from .iptables_rule_parser import parse_rule, untranslatable
+from tm4.core.rules import Ruleset
+from tm4.firewall.iptables_names import chain_name
+from tm4.firewall.iptables_rule_parser import parse_rule, untranslatable
 
 
 @dataclass

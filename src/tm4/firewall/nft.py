@@ -7,9 +7,9 @@ import math
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 
-from ..errors import ApplyError
-from ..rules import Element, NftSet, Ruleset, SetChanges, interval_text
-from .runner import NftRunner
+from tm4.core.errors import ApplyError
+from tm4.core.rules import Element, NftSet, Ruleset, SetChanges, interval_text
+from tm4.firewall.runner import NftRunner
 
 TABLE = "tm4"
 FAMILY = "inet"

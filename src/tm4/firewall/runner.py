@@ -12,8 +12,8 @@ import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from ..errors import ApplyError
-from ..netns import enter_netns
+from tm4.core.errors import ApplyError
+from tm4.firewall.netns import enter_netns
 
 # libnftables output flags (nftables.h): -j, -t (no set contents), -s (no counters)
 OUT_STATELESS = 1 << 2

@@ -1,0 +1,219 @@
+"""The whitelist model: entries (named grants), sources, bans. Validation lives here."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from tm4.core.errors import ValidationError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+_LABEL_RE = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
+class Origin(StrEnum):
+    ADMIN = "admin"
+    DIALIN = "dialin"
+    KNOCK = "knock"
+    PROVIDER = "provider"
+    TRUNK = "trunk"
+    GUARD = "guard"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def parse_time(text: str | None) -> datetime | None:
+    if text is None or text == "":
+        return None
+    t = datetime.fromisoformat(text)
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def format_time(t: datetime | None) -> str | None:
+    if t is None:
+        return None
+    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def validate_name(name: str) -> str:
+    if not NAME_RE.fullmatch(name or ""):
+        raise ValidationError(
+            f"bad entry name {name!r}: use 1-63 of a-z 0-9 . _ - starting with a letter or digit"
+        )
+    return name
+
+
+def validate_fqdn(text: str) -> str:
+    """RFC 1123 host name: labels of a-z0-9-, no wildcard, at most 253 characters, not all-numeric."""
+    name = text.strip().lower().rstrip(".")
+    if not name or len(name) > 253:
+        raise ValidationError(f"bad DNS name {text!r}: empty or longer than 253 characters")
+    if "*" in name:
+        raise ValidationError(f"bad DNS name {text!r}: wildcards are not allowed")
+    labels = name.split(".")
+    if len(labels) < 2:
+        raise ValidationError(f"bad DNS name {text!r}: give a fully qualified name (host.example.com)")
+    for label in labels:
+        if not _LABEL_RE.fullmatch(label):
+            raise ValidationError(
+                f"bad DNS name {text!r}: label {label!r} must be 1-63 of a-z 0-9 - "
+                "and not start or end with '-'"
+            )
+    if labels[-1].isdigit():
+        raise ValidationError(f"bad DNS name {text!r}: the last label cannot be numeric")
+    return name
+
+
+def normalise_address(addr: IPAddress) -> IPAddress:
+    """IPv4-mapped IPv6 (::ffff:192.0.2.7) is the IPv4 address it carries."""
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def parse_network(text: str, *, force: bool = False) -> IPNetwork:
+    """Parse an address or CIDR for a grant or ban; refuse what is dangerous or meaningless.
+
+    `force` allows the whole internet and very short prefixes, never multicast or unspecified.
+    """
+    raw = text.strip()
+    if raw.startswith("[") and raw.endswith("]"):
+        raw = raw[1:-1]
+    try:
+        net = ipaddress.ip_network(raw, strict=False)
+    except ValueError:
+        raise ValidationError(f"{text!r} is not an IPv4/IPv6 address or network") from None
+    if "/" in raw:
+        host = ipaddress.ip_address(raw.split("/", 1)[0])
+        if net.network_address != host:
+            raise ValidationError(
+                f"{text!r} has host bits set; did you mean {net} ?"
+            )
+    if isinstance(net, ipaddress.IPv6Network) and net.network_address.ipv4_mapped is not None:
+        if net.prefixlen < 96:
+            raise ValidationError(f"{text!r}: an IPv4-mapped range must be /96 or longer")
+        v4 = net.network_address.ipv4_mapped
+        net = ipaddress.ip_network(f"{v4}/{net.prefixlen - 96}")
+    if net.prefixlen == 0:
+        if not force:
+            raise ValidationError(
+                f"{text!r} is the whole internet; that would turn the firewall off (use --force if you mean it)"
+            )
+    elif net.version == 4 and net.prefixlen < 8 and not force:
+        raise ValidationError(f"{text!r}: prefixes shorter than /8 are refused without --force")
+    elif net.version == 6 and net.prefixlen < 32 and not force:
+        raise ValidationError(f"{text!r}: IPv6 prefixes shorter than /32 are refused without --force")
+    if net.prefixlen and net.network_address.is_multicast:
+        raise ValidationError(f"{text!r} is a multicast address; nothing legitimate comes from it")
+    if net.prefixlen and net.network_address.is_unspecified and net.num_addresses == 1:
+        raise ValidationError(f"{text!r} is the unspecified address; nothing comes from it")
+    if net.version == 4 and net.prefixlen == 32 and net.network_address == ipaddress.IPv4Address("255.255.255.255"):
+        raise ValidationError(f"{text!r} is the broadcast address")
+    return net
+
+
+@dataclass(frozen=True)
+class Source:
+    """One source of an entry: a network (a single address is a /32 or /128) or a DNS name."""
+
+    text: str
+    network: IPNetwork | None = None
+    fqdn: str | None = None
+
+    @classmethod
+    def parse(cls, text: str, *, force: bool = False) -> Source:
+        raw = text.strip()
+        if not raw:
+            raise ValidationError("empty source")
+        if re.fullmatch(r"[0-9a-fA-F:.\[\]/]+", raw) and (":" in raw or re.fullmatch(r"[\d./]+", raw)):
+            net = parse_network(raw, force=force)
+            return cls(text=_net_text(net), network=net)
+        return cls(text=validate_fqdn(raw), fqdn=validate_fqdn(raw))
+
+    @property
+    def is_dns(self) -> bool:
+        return self.fqdn is not None
+
+
+def _net_text(net: IPNetwork) -> str:
+    return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
+
+
+@dataclass
+class Entry:
+    name: str
+    sources: tuple[Source, ...]
+    services: tuple[str, ...]
+    origin: Origin = Origin.ADMIN
+    created: datetime = field(default_factory=utcnow)
+    expires: datetime | None = None
+    note: str = ""
+    # Addresses a DNS source resolved to (name -> networks), kept across failures.
+    resolved: dict[str, tuple[IPNetwork, ...]] = field(default_factory=dict)
+    stale_since: datetime | None = None
+
+    def networks(self) -> list[IPNetwork]:
+        """Every network this entry grants right now: literal ones plus resolved names."""
+        out: list[IPNetwork] = []
+        for s in self.sources:
+            if s.network is not None:
+                out.append(s.network)
+            elif s.fqdn:
+                out.extend(self.resolved.get(s.fqdn, ()))
+        return out
+
+    def is_expired(self, now: datetime) -> bool:
+        return self.expires is not None and self.expires <= now
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "sources": [s.text for s in self.sources],
+            "addresses": [_net_text(n) for n in self.networks()],
+            "services": list(self.services),
+            "origin": str(self.origin),
+            "created": format_time(self.created),
+            "expires": format_time(self.expires),
+            "note": self.note,
+            "stale": self.stale_since is not None,
+        }
+
+
+@dataclass
+class Ban:
+    network: IPNetwork
+    reason: str = ""
+    origin: Origin = Origin.ADMIN
+    created: datetime = field(default_factory=utcnow)
+    expires: datetime | None = None
+    offences: int = 1
+
+    @property
+    def address(self) -> str:
+        return _net_text(self.network)
+
+    def is_expired(self, now: datetime) -> bool:
+        return self.expires is not None and self.expires <= now
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "reason": self.reason,
+            "origin": str(self.origin),
+            "created": format_time(self.created),
+            "expires": format_time(self.expires),
+            "offences": self.offences,
+        }
+
+
+def net_text(net: IPNetwork) -> str:
+    return _net_text(net)
