@@ -47,7 +47,7 @@ def test_add_shows_the_passcode_once(tm4_config: Path) -> None:
     rc, js, _ = _run(tm4_config, "list", "--json")
     data = json.loads(js)
     assert data == [{"owner": "alice", "entry": "dialin-alice", "services": ["sip-udp", "sip-tcp"],
-                     "ttl": "8h", "keep": 2, "created": data[0]["created"], "last_used": None}]
+                     "ttl": "8h", "keep": 2, "created": data[0]["created"], "last_used": None, "endpoints": []}]
     assert _book(tm4_config).verify(code).owner == "alice"  # type: ignore[union-attr]
 
 

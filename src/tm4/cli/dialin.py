@@ -63,20 +63,23 @@ def passcode() -> None:
 @ttl_option("lifetime of each grant, e.g. 8h (default: [dialin] grant_ttl)")
 @click.option("--keep", type=click.IntRange(1, 16), default=1, show_default=True,
               help="how many dial-in addresses OWNER may hold at once (1: a new one replaces the old)")
+@click.option("--endpoint", "endpoints", multiple=True, metavar="NAME",
+              help="PJSIP endpoint OWNER's grants serve: it follows OWNER's dial-in address (repeatable)")
 @length_option
 @stdin_option
 @json_option
 @pass_ctx
 def add(ctx: Ctx, owner: str, services: tuple[str, ...], ttl: timedelta | None, keep: int, length: int,
-        from_stdin: bool, as_json: bool) -> None:
+        from_stdin: bool, as_json: bool, endpoints: tuple[str, ...]) -> None:
     """Give OWNER a passcode; its grants are named dialin-OWNER."""
     names = _services(ctx, services)
     book = _book(ctx)
     code = book.add(owner, _read_passcode() if from_stdin else None, services=names,
-                    ttl=format_duration(ttl) if ttl else None, keep=keep, length=length)
+                    ttl=format_duration(ttl) if ttl else None, keep=keep, length=length,
+                    endpoints=endpoints)
     pc = book.get(owner)
     ctx.core.audit("passcode-add", pc.entry_name, Origin.ADMIN, ctx.actor, owner=owner,
-                   services=list(pc.services), ttl=pc.ttl, keep=pc.keep)
+                   services=list(pc.services), ttl=pc.ttl, keep=pc.keep, endpoints=list(pc.endpoints))
     _show(owner, code, pc, as_json, "new")
 
 

@@ -32,9 +32,10 @@ def _entry_line(e: dict[str, Any]) -> str:
 
 
 def _do_add(ctx: Ctx, name: str, sources: list[str], services: list[str], ttl: str | None,
-            note: str, replace: bool, force: bool) -> None:
+            note: str, replace: bool, force: bool, endpoints: list[str] | None = None) -> None:
     e = ctx.call("allow", {"name": name, "sources": sources, "services": services, "ttl": ttl,
-                           "note": note, "replace": replace, "force": force})
+                           "note": note, "replace": replace, "force": force,
+                           **({"endpoints": endpoints} if endpoints else {})})
     click.echo(f"allowed {e['name']}: {', '.join(e['sources'])} -> {', '.join(e['services'])}"
                + (f" until {e['expires']}" if e["expires"] else ""))
 
@@ -47,11 +48,13 @@ def _do_add(ctx: Ctx, name: str, sources: list[str], services: list[str], ttl: s
 @click.option("--note", default="", help="free text kept with the entry")
 @click.option("--replace", is_flag=True, help="overwrite an entry with the same name")
 @click.option("--force", is_flag=True, help="allow very wide networks and lock-out risks")
+@click.option("--endpoint", "endpoints", multiple=True, metavar="NAME",
+              help="PJSIP endpoint this entry serves: only its sources may register as it (repeatable)")
 @pass_ctx
 def add(ctx: Ctx, name: str, sources: tuple[str, ...], services: tuple[str, ...], ttl: str | None,
-        note: str, replace: bool, force: bool) -> None:
+        note: str, replace: bool, force: bool, endpoints: tuple[str, ...]) -> None:
     """Whitelist NAME: addresses, networks or DNS names, for some services."""
-    _do_add(ctx, name, list(sources), _services_or_menu(services), ttl, note, replace, force)
+    _do_add(ctx, name, list(sources), _services_or_menu(services), ttl, note, replace, force, list(endpoints))
 
 
 @click.command("del")

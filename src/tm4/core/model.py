@@ -73,6 +73,18 @@ def validate_fqdn(text: str) -> str:
     return name
 
 
+ENDPOINT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+@-]{0,79}")
+
+
+def validate_endpoint(name: str) -> str:
+    """A PJSIP endpoint name tm4 may write into an ACL name and a section header."""
+    if not isinstance(name, str) or not ENDPOINT_RE.fullmatch(name):
+        raise ValidationError(
+            f"bad endpoint name {name!r}: use 1-80 of A-Z a-z 0-9 _ . + @ - starting with a letter or digit"
+        )
+    return name
+
+
 def normalise_address(addr: IPAddress) -> IPAddress:
     """IPv4-mapped IPv6 (::ffff:192.0.2.7) is the IPv4 address it carries."""
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
@@ -160,6 +172,8 @@ class Entry:
     # Addresses a DNS source resolved to (name -> networks), kept across failures.
     resolved: dict[str, tuple[IPNetwork, ...]] = field(default_factory=dict)
     stale_since: datetime | None = None
+    # PJSIP endpoints this entry serves: each gets a named ACL `tm4-<endpoint>` (tm4.asterisk.acl).
+    endpoints: tuple[str, ...] = ()
 
     def networks(self) -> list[IPNetwork]:
         """Every network this entry grants right now: literal ones plus resolved names."""
@@ -185,6 +199,7 @@ class Entry:
             "expires": format_time(self.expires),
             "note": self.note,
             "stale": self.stale_since is not None,
+            "endpoints": list(self.endpoints),
         }
 
 

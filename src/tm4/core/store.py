@@ -249,11 +249,11 @@ class Store:
     def put_entry(self, e: Entry) -> None:
         with self.transaction() as db:
             db.execute(
-                "INSERT INTO entries(name, sources, services, origin, created, expires, note, resolved, stale_since)"
-                " VALUES(?,?,?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET sources=excluded.sources,"
+                "INSERT INTO entries(name, sources, services, origin, created, expires, note, resolved, stale_since,"
+                " endpoints) VALUES(?,?,?,?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET sources=excluded.sources,"
                 " services=excluded.services, origin=excluded.origin, created=excluded.created,"
                 " expires=excluded.expires, note=excluded.note, resolved=excluded.resolved,"
-                " stale_since=excluded.stale_since",
+                " stale_since=excluded.stale_since, endpoints=excluded.endpoints",
                 (
                     e.name,
                     json.dumps([s.text for s in e.sources]),
@@ -264,6 +264,7 @@ class Store:
                     e.note,
                     json.dumps({k: [str(n) for n in v] for k, v in e.resolved.items()}),
                     format_time(e.stale_since),
+                    json.dumps(list(e.endpoints)),
                 ),
             )
             db.execute("DELETE FROM entry_nets WHERE name = ?", (e.name,))
@@ -433,6 +434,7 @@ def _row_entry(r: sqlite3.Row) -> Entry:
         note=r["note"],
         resolved={k: tuple(parse_network(n, force=True) for n in v) for k, v in resolved.items()},
         stale_since=parse_time(r["stale_since"]),
+        endpoints=tuple(json.loads(r["endpoints"] or "[]")),
     )
 
 

@@ -243,7 +243,7 @@ def op_grant(core: Core, args: dict[str, Any]) -> dict[str, Any]:
             pc.entry_name, [str(addr), *kept], list(pc.services or core.config.dialin.grant_services),
             ttl=parse_duration(pc.ttl or core.config.dialin.grant_ttl),
             note=f"dial-in by {pc.owner} from caller ID {cid}", origin=Origin.DIALIN,
-            actor=f"callerid={cid}", replace=True,
+            actor=f"callerid={cid}", replace=True, endpoints=pc.endpoints,
         )
     replaced = [s.text for s in (old.sources if old else ()) if s.text not in {str(addr), *kept}]
     return {"entry": entry.to_json(), "replaced": replaced}

@@ -28,7 +28,7 @@ from typing import Any
 
 from tm4.core.durations import format_duration, parse_duration
 from tm4.core.errors import ConflictError, NotFoundError, StoreError, ValidationError
-from tm4.core.model import format_time, parse_time, utcnow, validate_name
+from tm4.core.model import format_time, parse_time, utcnow, validate_endpoint, validate_name
 from tm4.core.store import Store
 from tm4.dialin import store as dialin_store
 
@@ -59,6 +59,7 @@ class Passcode:
     keep: int  # how many dial-in addresses the owner may hold at once
     created: datetime
     last_used: datetime | None
+    endpoints: tuple[str, ...] = ()  # PJSIP endpoints its grants serve (tm4.asterisk.acl)
 
     @property
     def entry_name(self) -> str:
@@ -73,6 +74,7 @@ class Passcode:
             "keep": self.keep,
             "created": format_time(self.created),
             "last_used": format_time(self.last_used),
+            "endpoints": list(self.endpoints),
         }
 
 
@@ -185,9 +187,11 @@ class PasscodeBook:
         ttl: str | None = None,
         keep: int = 1,
         length: int = DEFAULT_DIGITS,
+        endpoints: Sequence[str] = (),
     ) -> str:
         """Create an owner's passcode; returns it (the only time it exists in clear)."""
         validate_owner(owner)
+        eps = tuple(dict.fromkeys(validate_endpoint(e) for e in endpoints))
         if keep < 1 or keep > 16:
             raise ValidationError("--keep must be 1 to 16")
         if ttl is not None:
@@ -195,16 +199,16 @@ class PasscodeBook:
         if dialin_store.get_passcode(self.store, owner) is not None:
             raise ConflictError(f"{owner!r} already has a passcode (use `tm4 passcode rotate {owner}`)")
         return self._write(owner, passcode, services=tuple(services), ttl=ttl, keep=keep,
-                           length=length, created=self.clock())
+                           length=length, created=self.clock(), endpoints=eps)
 
     def rotate(self, owner: str, passcode: str | None = None, *, length: int = DEFAULT_DIGITS) -> str:
         """A new passcode for an existing owner; the old one stops working at once."""
         old = self.get(owner)
         return self._write(owner, passcode, services=old.services, ttl=old.ttl, keep=old.keep,
-                           length=length, created=self.clock())
+                           length=length, created=self.clock(), endpoints=old.endpoints)
 
     def _write(self, owner: str, passcode: str | None, *, services: tuple[str, ...], ttl: str | None,
-               keep: int, length: int, created: datetime) -> str:
+               keep: int, length: int, created: datetime, endpoints: tuple[str, ...] = ()) -> str:
         chosen = passcode is not None
         for _ in range(20):
             code = validate_passcode(passcode) if chosen else generate_passcode(length)  # type: ignore[arg-type]
@@ -220,6 +224,7 @@ class PasscodeBook:
                         "owner": owner, "lookup": lookup, "hash": hash_passcode(code),
                         "services": json.dumps(list(services)), "ttl": ttl, "keep": keep,
                         "created": format_time(created), "last_used": None,
+                        "endpoints": json.dumps(list(endpoints)),
                     })
                 except sqlite3.IntegrityError:
                     if chosen:
@@ -268,4 +273,5 @@ def _row(r: dict[str, Any]) -> Passcode:
         keep=int(r["keep"]),
         created=parse_time(r["created"]) or utcnow(),
         last_used=parse_time(r["last_used"]),
+        endpoints=tuple(json.loads(r.get("endpoints") or "[]")),
     )

@@ -32,12 +32,12 @@ def put_passcode(store: Store, row: dict[str, Any]) -> None:
     """Insert or replace one owner's passcode (sqlite3.IntegrityError if `lookup` is taken)."""
     with store.transaction() as db:
         db.execute(
-            "INSERT INTO passcodes(owner, lookup, hash, services, ttl, keep, created, last_used)"
-            " VALUES(:owner, :lookup, :hash, :services, :ttl, :keep, :created, :last_used)"
+            "INSERT INTO passcodes(owner, lookup, hash, services, ttl, keep, created, last_used, endpoints)"
+            " VALUES(:owner, :lookup, :hash, :services, :ttl, :keep, :created, :last_used, :endpoints)"
             " ON CONFLICT(owner) DO UPDATE SET lookup=excluded.lookup, hash=excluded.hash,"
             " services=excluded.services, ttl=excluded.ttl, keep=excluded.keep,"
-            " created=excluded.created, last_used=excluded.last_used",
-            row,
+            " created=excluded.created, last_used=excluded.last_used, endpoints=excluded.endpoints",
+            {"endpoints": "[]", **row},
         )
 
 

@@ -27,6 +27,7 @@ from tm4.core.model import (
     net_text,
     parse_network,
     utcnow,
+    validate_endpoint,
     validate_name,
 )
 from tm4.core.rules import (
@@ -99,6 +100,7 @@ class Core:
         note: str = "",
         origin: Origin = Origin.ADMIN,
         force: bool = False,
+        endpoints: Sequence[str] = (),
     ) -> Entry:
         validate_name(name)
         if not sources:
@@ -117,6 +119,7 @@ class Core:
             created=now,
             expires=now + ttl if ttl else None,
             note=note,
+            endpoints=tuple(dict.fromkeys(validate_endpoint(x) for x in endpoints)),
         )
 
     def allow(
@@ -131,8 +134,10 @@ class Core:
         actor: str = "",
         replace: bool = False,
         force: bool = False,
+        endpoints: Sequence[str] = (),
     ) -> Entry:
-        entry = self.build_entry(name, sources, services, ttl=ttl, note=note, origin=origin, force=force)
+        entry = self.build_entry(name, sources, services, ttl=ttl, note=note, origin=origin, force=force,
+                                 endpoints=endpoints)
         return self.put_entry(entry, replace=replace, actor=actor)
 
     def put_entry(self, entry: Entry, *, replace: bool = False, actor: str = "") -> Entry:
@@ -159,6 +164,7 @@ class Core:
                 "replace" if old else "allow", entry.name, entry.origin, actor,
                 sources=[s.text for s in entry.sources], services=list(entry.services),
                 expires=format_time(entry.expires), note=entry.note,
+                **({"endpoints": list(entry.endpoints)} if entry.endpoints else {}),
             )
             self._push(_merge(wl, bans))
         return entry
@@ -173,7 +179,7 @@ class Core:
             if old is None:
                 raise NotFoundError(f"no entry named {name!r}")
             new = Entry(old.name, old.sources, old.services, old.origin, old.created, old.expires,
-                        old.note, dict(resolved), stale_since)
+                        old.note, dict(resolved), stale_since, old.endpoints)
             ch = self._wl_change(name, new, extra=old.networks())
             self.store.put_entry(new)
             if {k: set(v) for k, v in old.resolved.items()} != {k: set(v) for k, v in resolved.items()}:
