@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from cli_support import store_only_cli
 from click.testing import Result
 from netlab import Echo, Lab
 
+from tm4.cli.providers import verified_text
 from tm4.core.config import parse_config
 from tm4.core.errors import NotFoundError, ValidationError
 from tm4.core.model import Origin
@@ -21,14 +23,37 @@ from tm4.sources import providers as prov
 
 def test_bundled_list_is_sourced_and_valid() -> None:
     plist = prov.load_providers()
-    assert plist.version >= 1 and plist.warnings == ()
-    assert {p.name for p in plist.providers} >= {"telnyx", "twilio"}
+    assert plist.version >= 2 and plist.warnings == ()
+    assert len(plist.providers) >= 10
+    assert {p.name for p in plist.providers} >= {"telnyx", "twilio", "vonage", "didww"}
     for p in plist.providers:
         assert p.networks and set(p.protocols) <= set(prov.SIGNALLING)
         assert p.verified, f"{p.name}: say how the networks were checked"
+        assert isinstance(p.verified_on, date), f"{p.name}: say when the networks were checked"
         for n in p.networks:
             assert n.source.startswith("https://"), (p.name, n.network)
             assert not n.network.is_private, (p.name, n.network)  # real providers, not test nets
+            assert n.network.num_addresses <= 256, (p.name, n.network)  # signalling hosts, not whole clouds
+    every = [n.network for p in plist.providers for n in p.networks]
+    assert len(every) == len(set(every)), "a network listed twice"
+
+
+@pytest.mark.parametrize("value", ["2026-12-05", datetime(2026, 12, 5, 1, 2), 20261205])
+def test_verified_on_must_be_a_toml_date(value: object) -> None:
+    with pytest.raises(ValidationError, match="verified_on"):
+        prov.parse_providers(provider_data(verified_on=value))
+    assert prov.parse_providers(provider_data(verified_on=date(2026, 1, 2))).providers[0].age_days(
+        date(2026, 1, 12)) == 10
+    assert prov.parse_providers(provider_data()).providers[0].age_days(date(2026, 1, 12)) is None
+
+
+def test_verified_text_says_when_and_warns_when_old() -> None:
+    [p] = prov.parse_providers(provider_data(verified_on=date(2025, 1, 1), verified="compared by hand")).providers
+    assert verified_text(p, date(2025, 1, 1)) == "2025-01-01 (today): compared by hand"
+    assert verified_text(p, date(2025, 1, 31)) == "2025-01-01 (30 days ago): compared by hand"
+    assert "over a year old" in verified_text(p, date(2026, 1, 2))
+    [q] = prov.parse_providers(provider_data()).providers
+    assert verified_text(q, date(2025, 1, 1)) == "date unknown"
 
 
 def provider_data(**over: Any) -> dict[str, Any]:
@@ -88,11 +113,16 @@ def test_list_json_shape(run) -> None:  # type: ignore[no-untyped-def]
     r = run("providers", "list", "--json")
     assert r.exit_code == 0, r.output
     data = json.loads(r.output)
-    assert isinstance(data, list) and data
+    assert isinstance(data, list) and len(data) >= 10
     for obj in data:
-        assert {"name", "networks", "protocols", "source"} <= set(obj)
+        assert {"name", "networks", "protocols", "source", "verified", "verified_on"} <= set(obj)
         assert all(isinstance(n, str) for n in obj["networks"]) and obj["source"].startswith("https://")
-    assert "twilio" in run("providers", "list").output
+        assert date.fromisoformat(obj["verified_on"])
+        assert [d["network"] for d in obj["network_details"]] == obj["networks"]
+        for d in obj["network_details"]:
+            assert d["source"].startswith("https://") and obj["sources"][d["network"]] == d["source"]
+    text = run("providers", "list").output
+    assert "twilio" in text and "verified: 20" in text
 
 
 def test_enable_update_disable(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

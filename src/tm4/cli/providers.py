@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import date
+
 import click
 
 from tm4.cli.common import Ctx, echo_json, json_option, pass_ctx
@@ -29,12 +31,26 @@ def list_(as_json: bool, path: str | None) -> None:
         echo_json([p.to_json() for p in plist.providers])
         return
     click.echo(f"providers list version {plist.version}")
+    today = date.today()
     for p in plist.providers:
         click.echo(f"\n{p.name}  ({p.title})  -> {', '.join(p.protocols)}")
         click.echo(f"  source: {p.source}")
+        click.echo(f"  verified: {verified_text(p, today)}")
         for n in p.networks:
             extra = f"  [{n.source}]" if n.source != p.source else ""
             click.echo(f"  {net_text(n.network):20} {n.note}{extra}")
+
+
+def verified_text(p: prov.Provider, today: date) -> str:
+    """'2026-12-05 (3 days ago): how' -- when the list was last compared with its pages."""
+    age = p.age_days(today)
+    if age is None:
+        when = "date unknown"
+    else:
+        when = f"{p.verified_on} ({'today' if age == 0 else f'{age} days ago'})"
+        if age > 365:
+            when += " -- over a year old, compare it with the source pages again"
+    return f"{when}: {p.verified}" if p.verified else when
 
 
 @providers_group.command("enable")

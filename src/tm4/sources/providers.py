@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass
+from datetime import date, datetime
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ class Provider:
     source: str
     networks: tuple[ProviderNetwork, ...]
     verified: str = ""
+    verified_on: date | None = None
 
     @property
     def entry_name(self) -> str:
@@ -52,8 +54,15 @@ class Provider:
             "protocols": list(self.protocols),
             "source": self.source,
             "sources": {net_text(n.network): n.source for n in self.networks},
+            "network_details": [{"network": net_text(n.network), "source": n.source, "note": n.note}
+                                for n in self.networks],
             "verified": self.verified,
+            "verified_on": self.verified_on.isoformat() if self.verified_on else None,
         }
+
+    def age_days(self, today: date) -> int | None:
+        """Days since the list was last compared with its pages (None: never said)."""
+        return (today - self.verified_on).days if self.verified_on else None
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,15 @@ class ProviderList:
 
 def _is_url(text: object) -> bool:
     return isinstance(text, str) and text.startswith("https://") and len(text) > len("https://x.y")
+
+
+def _verified_on(value: object, where: str, name: str) -> date | None:
+    # TOML has a date type; a datetime or a string is a mistake, not a day.
+    if value is None:
+        return None
+    if isinstance(value, datetime) or not isinstance(value, date):
+        raise ValidationError(f"{where}: {name}: verified_on must be a TOML date like 2026-12-05")
+    return value
 
 
 def parse_providers(data: dict[str, Any], where: str = "providers.toml") -> ProviderList:
@@ -119,7 +137,8 @@ def parse_providers(data: dict[str, Any], where: str = "providers.toml") -> Prov
             warnings.append(f"{name}: no network with a source; provider left out")
             continue
         providers.append(Provider(name, str(p.get("title", name)), tuple(protocols),
-                                  source or nets[0].source, tuple(nets), str(p.get("verified", ""))))
+                                  source or nets[0].source, tuple(nets), str(p.get("verified", "")),
+                                  _verified_on(p.get("verified_on"), where, name)))
     return ProviderList(version, tuple(providers), tuple(warnings))
 
 
