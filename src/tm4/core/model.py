@@ -28,10 +28,13 @@ class Origin(StrEnum):
 
 
 def utcnow() -> datetime:
-    return datetime.now(UTC).replace(microsecond=0)
+    """Now, to the millisecond: what the store and the audit trail keep."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 def parse_time(text: str | None) -> datetime | None:
+    """ISO 8601; whole seconds (rows of older tm4 versions) and milliseconds both parse."""
     if text is None or text == "":
         return None
     t = datetime.fromisoformat(text)
@@ -39,9 +42,11 @@ def parse_time(text: str | None) -> datetime | None:
 
 
 def format_time(t: datetime | None) -> str | None:
+    """UTC, always with milliseconds (2026-01-02T03:04:05.678Z): one fixed width, so
+    SQL string order stays time order."""
     if t is None:
         return None
-    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return t.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def validate_name(name: str) -> str:
@@ -92,24 +97,47 @@ def normalise_address(addr: IPAddress) -> IPAddress:
     return addr
 
 
-def parse_network(text: str, *, force: bool = False) -> IPNetwork:
-    """Parse an address or CIDR for a grant or ban; refuse what is dangerous or meaningless.
+class NeverSourceError(ValidationError):
+    """An address no packet the kernel sees can come from: banning or granting it
+    means nothing, and readers would refuse it back from the store."""
 
-    `force` allows the whole internet and very short prefixes, never multicast or unspecified.
-    """
-    raw = text.strip()
-    if raw.startswith("[") and raw.endswith("]"):
-        raw = raw[1:-1]
-    try:
-        net = ipaddress.ip_network(raw, strict=False)
-    except ValueError:
-        raise ValidationError(f"{text!r} is not an IPv4/IPv6 address or network") from None
-    if "/" in raw:
-        host = ipaddress.ip_address(raw.split("/", 1)[0])
-        if net.network_address != host:
-            raise ValidationError(
-                f"{text!r} has host bits set; did you mean {net} ?"
-            )
+
+# Where no packet arriving at this host can come from: the rule for every ban and every
+# entry, however it is made (CLI, control socket, guard, import, DNS, peers). Loopback is
+# left out on purpose: it is a real source (protected separately: never banned).
+# 240.0.0.0/4 ("reserved", class E) is left out too: Linux routes it as unicast.
+NEVER_SOURCE: tuple[tuple[IPNetwork, str], ...] = (
+    (ipaddress.ip_network("0.0.0.0/32"), "the unspecified address"),
+    (ipaddress.ip_network("0.0.0.0/8"), "'this network', 0.0.0.0/8: Linux drops it as a martian source"),
+    (ipaddress.ip_network("224.0.0.0/4"), "multicast, 224.0.0.0/4: packets go to it, never come from it"),
+    (ipaddress.ip_network("255.255.255.255/32"), "the broadcast address: packets go to it, never come from it"),
+    (ipaddress.ip_network("::/128"), "the unspecified address"),
+    (ipaddress.ip_network("ff00::/8"), "multicast, ff00::/8: packets go to it, never come from it"),
+)
+
+
+def never_source_reason(net: IPNetwork) -> str | None:
+    """Why `net` can never be the source of a packet (it lies wholly inside a range of
+    NEVER_SOURCE), or None when it can. Pure; networks that merely overlap such a range
+    (0.0.0.0/0 with --force) are fine."""
+    for rng, why in NEVER_SOURCE:
+        if rng.version == net.version and net.subnet_of(rng):  # type: ignore[arg-type]
+            return why
+    return None
+
+
+def check_source(net: IPNetwork, shown: str | None = None) -> IPNetwork:
+    """Refuse a network that can never be a source, naming it and why (NeverSourceError)."""
+    why = never_source_reason(net)
+    if why is not None:
+        raise NeverSourceError(f"{shown or _net_text(net)} can never be the source of a packet ({why}); refused")
+    return net
+
+
+def validate_network(net: IPNetwork, *, force: bool = False, shown: str | None = None) -> IPNetwork:
+    """The checks for a grant or ban on an already parsed network (IPv4-mapped IPv6
+    becomes IPv4): too wide without `force`, or never a source (never allowed)."""
+    text = shown or str(net)
     if isinstance(net, ipaddress.IPv6Network) and net.network_address.ipv4_mapped is not None:
         if net.prefixlen < 96:
             raise ValidationError(f"{text!r}: an IPv4-mapped range must be /96 or longer")
@@ -124,13 +152,28 @@ def parse_network(text: str, *, force: bool = False) -> IPNetwork:
         raise ValidationError(f"{text!r}: prefixes shorter than /8 are refused without --force")
     elif net.version == 6 and net.prefixlen < 32 and not force:
         raise ValidationError(f"{text!r}: IPv6 prefixes shorter than /32 are refused without --force")
-    if net.prefixlen and net.network_address.is_multicast:
-        raise ValidationError(f"{text!r} is a multicast address; nothing legitimate comes from it")
-    if net.prefixlen and net.network_address.is_unspecified and net.num_addresses == 1:
-        raise ValidationError(f"{text!r} is the unspecified address; nothing comes from it")
-    if net.version == 4 and net.prefixlen == 32 and net.network_address == ipaddress.IPv4Address("255.255.255.255"):
-        raise ValidationError(f"{text!r} is the broadcast address")
-    return net
+    return check_source(net, shown)
+
+
+def parse_network(text: str, *, force: bool = False) -> IPNetwork:
+    """Parse an address or CIDR for a grant or ban; refuse what is dangerous or meaningless.
+
+    `force` allows the whole internet and very short prefixes, never what cannot be a source.
+    """
+    raw = text.strip()
+    if raw.startswith("[") and raw.endswith("]"):
+        raw = raw[1:-1]
+    try:
+        net = ipaddress.ip_network(raw, strict=False)
+    except ValueError:
+        raise ValidationError(f"{text!r} is not an IPv4/IPv6 address or network") from None
+    if "/" in raw:
+        host = ipaddress.ip_address(raw.split("/", 1)[0])
+        if net.network_address != host:
+            raise ValidationError(
+                f"{text!r} has host bits set; did you mean {net} ?"
+            )
+    return validate_network(net, force=force, shown=text)
 
 
 @dataclass(frozen=True)

@@ -6,27 +6,33 @@ SQLite's lock instead of overwriting each other's read-modify-write.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tm4.core.errors import StoreError
+from tm4.core.errors import StoreError, Tm4Error
 from tm4.core.model import (
     Ban,
     Entry,
     IPNetwork,
     Origin,
     Source,
+    check_source,
     format_time,
     parse_network,
     parse_time,
+    utcnow,
 )
+
+log = logging.getLogger("tm4.store")
 
 # Each migration takes the schema from version i to i+1. Never edit a released one.
 MIGRATIONS: list[str] = [
@@ -151,28 +157,90 @@ class AuditRecord:
         }
 
 
+@dataclass(frozen=True)
+class QuarantinedRow:
+    """A row that no longer parses (an older tm4 wrote it, or a hand edit), set aside."""
+
+    id: int
+    table: str
+    key: str
+    row: dict[str, Any]
+    reason: str
+    ts: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "table": self.table, "key": self.key, "row": self.row,
+                "reason": self.reason, "ts": self.ts}
+
+
+def no_space(path: Path) -> bool:
+    """Is the file system holding `path` full (no block or no inode left for us)?"""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024 or (st.f_files > 0 and st.f_favail == 0)
+
+
 class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-            self._db = sqlite3.connect(
-                str(self.path), timeout=30.0, isolation_level=None, check_same_thread=False
-            )
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot open the store {self.path}: {exc}") from None
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA busy_timeout = 30000")
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute("PRAGMA synchronous = NORMAL")
-        self._db.execute("PRAGMA foreign_keys = ON")
+        # Set when the disk is full: the store is opened read-only (reading verbs still
+        # answer) and every write is refused with this one-line reason.
+        self.read_only: str | None = None
         self._depth = 0
+        self._on_commit: list[Callable[[], None]] = []
+        self._on_abort: list[Callable[[], None]] = []
+        self._marker: Path | None = None
+        self._reported: set[tuple[str, str]] = set()
         # A connection must not cross fork(): closing the child's copy would drop the
         # parent's POSIX locks on the file and let two writers in at once.
         self._pid = os.getpid()
-        self.migrate()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            self._db = self._connect()
+        except (OSError, sqlite3.Error) as exc:
+            if not (self.path.exists() and (_is_full(exc) or no_space(self.path.parent))):
+                raise StoreError(f"cannot open the store {self.path}: {exc}") from None
+            self._db = self._connect_read_only()
+            self.read_only = f"no space left on {self.path.parent}"
+            log.error("event=store_read_only path=%s reason=%s", self.path, self.read_only)
+            return
         with suppress(OSError):
             os.chmod(self.path, 0o600)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None, check_same_thread=False)
+        try:
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA busy_timeout = 30000")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")
+            db.execute("PRAGMA foreign_keys = ON")
+            self._db = db
+            if self.version < SCHEMA_VERSION:
+                self.migrate()
+            elif self.version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the store {self.path} has schema {self.version}, newer than this tm4 ({SCHEMA_VERSION})"
+                )
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """The store as it is on disk, without the WAL index SQLite cannot create on a
+        full disk (immutable: nobody can write to a full disk anyway)."""
+        try:
+            db = sqlite3.connect(f"file:{self.path}?immutable=1", uri=True, isolation_level=None,
+                                 check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the store {self.path} (no space left on "
+                             f"{self.path.parent}): {exc}") from None
+        return db
 
     def close(self) -> None:
         self._db.close()
@@ -196,7 +264,11 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; nested calls join the outer one."""
+        """One write transaction; nested calls join the outer one.
+
+        When it does not commit (an error inside, or the COMMIT itself failing on a full
+        disk) the `on_abort` compensations run, newest first: what was done outside the
+        database (kernel elements) is undone too."""
         if self._pid != os.getpid():
             raise StoreError("the store was opened before fork(); open it again in this process")
         if self._depth:
@@ -206,20 +278,105 @@ class Store:
             finally:
                 self._depth -= 1
             return
+        if self.read_only:
+            raise StoreError(self.read_only)
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise StoreError(f"the store {self.path} is busy or broken: {exc}") from None
+            raise self._write_error(exc) from None
         self._depth = 1
+        self._on_commit, self._on_abort = [], []
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        else:
-            self._db.execute("COMMIT")
+            try:
+                yield self._db
+            except BaseException:
+                self._rollback()
+                raise
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise self._write_error(exc) from None
+            commit_hooks = self._on_commit
+            self._on_commit, self._on_abort = [], []
+            for hook in commit_hooks:
+                hook()
         finally:
             self._depth = 0
+
+    def on_commit(self, hook: Callable[[], None]) -> None:
+        """Run `hook` once the current transaction has committed."""
+        self._on_commit.append(hook)
+
+    def on_abort(self, hook: Callable[[], None]) -> None:
+        """Run `hook` if the current transaction does not commit (its compensation)."""
+        self._on_abort.append(hook)
+
+    def _rollback(self) -> None:
+        with suppress(sqlite3.Error):
+            self._db.execute("ROLLBACK")
+        hooks, self._on_commit, self._on_abort = self._on_abort, [], []
+        undone = True
+        for hook in reversed(hooks):
+            try:
+                hook()
+            except Exception as exc:  # noqa: BLE001 — keep undoing the rest; the marker stays
+                undone = False
+                log.error("event=undo_failed reason=%s", exc)
+        if undone:
+            self._drop_marker()
+
+    def _write_error(self, exc: sqlite3.Error) -> StoreError:
+        if _is_full(exc) or no_space(self.path.parent):
+            return StoreError(f"no space left on {self.path.parent}")
+        return StoreError(f"could not write the store {self.path}: {exc}")
+
+    # -- kernel changes in flight ---------------------------------------------
+    # A writer that changes kernel elements inside a transaction leaves a marker file
+    # named after its pid until the transaction ends. A marker of a dead process means
+    # it was killed between the kernel change and the commit: the kernel may hold an
+    # element the store does not know, and the next writer reconciles (a full apply).
+    def mark_kernel_change(self) -> None:
+        """Call inside a transaction before changing kernel elements."""
+        if self._marker is not None:
+            return
+        marker = self.path.with_name(f"{self.path.name}.kernel-{os.getpid()}")
+        try:
+            marker.touch(mode=0o600)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreError(f"no space left on {self.path.parent}") from None
+            raise StoreError(f"cannot write {marker}: {exc.strerror}") from None
+        self._marker = marker
+        self.on_commit(self._drop_marker)
+
+    def _drop_marker(self) -> None:
+        if self._marker is not None:
+            with suppress(OSError):
+                self._marker.unlink()
+            self._marker = None
+
+    def interrupted_kernel_changes(self) -> list[Path]:
+        """Markers left by writers that died mid-change (not this process's own)."""
+        out = []
+        for m in self.path.parent.glob(f"{self.path.name}.kernel-*"):
+            pid_text = m.name.rsplit("-", 1)[-1]
+            if not pid_text.isdigit() or int(pid_text) == os.getpid():
+                continue
+            try:
+                os.kill(int(pid_text), 0)
+            except ProcessLookupError:
+                out.append(m)
+            except PermissionError:
+                pass  # alive (another user's process): still in its window or just done
+        return out
+
+    @staticmethod
+    def forget_kernel_changes(markers: Sequence[Path]) -> None:
+        """The kernel was reconciled with the store: the markers are settled."""
+        for m in markers:
+            with suppress(OSError):
+                m.unlink()
 
     # -- meta ---------------------------------------------------------------
     def get_meta(self, key: str, default: str | None = None) -> str | None:
@@ -240,13 +397,16 @@ class Store:
     # -- entries ------------------------------------------------------------
     def entries(self) -> list[Entry]:
         rows = self._db.execute("SELECT * FROM entries ORDER BY name").fetchall()
-        return [_row_entry(r) for r in rows]
+        return self._parsed("entries", rows)
 
     def get_entry(self, name: str) -> Entry | None:
         row = self._db.execute("SELECT * FROM entries WHERE name = ?", (name,)).fetchone()
-        return _row_entry(row) if row else None
+        found = self._parsed("entries", [row] if row else [])
+        return found[0] if found else None
 
     def put_entry(self, e: Entry) -> None:
+        for n in e.networks():
+            check_source(n)  # never stored: readers would refuse it back
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO entries(name, sources, services, origin, created, expires, note, resolved, stale_since,"
@@ -285,7 +445,7 @@ class Store:
             ") ORDER BY name",
             (fam, lo, hi, fam, hi, lo),
         ).fetchall()
-        return [_row_entry(r) for r in rows]
+        return self._parsed("entries", rows)
 
     def bans_overlapping(self, net: IPNetwork) -> list[Ban]:
         fam, lo, hi = range_key(net)
@@ -294,7 +454,7 @@ class Store:
             " UNION SELECT * FROM bans WHERE family = ? AND lo <= ? AND hi >= ? AND lo != hi",
             (fam, lo, hi, fam, hi, lo),
         ).fetchall()
-        return [_row_ban(r) for r in rows]
+        return self._parsed("bans", rows)
 
     def set_items(self, now: datetime) -> dict[str, list[tuple[int, int, datetime | None]]]:
         """Set name -> raw intervals of every active entry and ban, straight from the
@@ -315,16 +475,24 @@ class Store:
             " ON e.name = n.name WHERE e.expires IS NULL OR e.expires > ?", (stamp,))
         services_cache: dict[str, list[str]] = {}
         for fam, lo_s, hi_s, svcs, exp in rows:
-            lo, hi = int(lo_s, 16), int(hi_s, 16)
-            if svcs not in services_cache:
-                services_cache[svcs] = json.loads(svcs)
+            try:
+                lo, hi = _interval(fam, lo_s, hi_s)
+                if svcs not in services_cache:
+                    services_cache[svcs] = [str(x) for x in json.loads(svcs)]
+                expires = when(exp)
+            except (ValueError, TypeError, KeyError):
+                continue  # a row that no longer parses: the readers quarantine it
             for svc in services_cache[svcs]:
-                out.setdefault(wl_set(svc, fam, lo != hi), []).append((lo, hi, when(exp)))
+                out.setdefault(wl_set(svc, fam, lo != hi), []).append((lo, hi, expires))
         rows = self._db.execute(
             "SELECT family, lo, hi, expires FROM bans WHERE expires IS NULL OR expires > ?", (stamp,))
         for fam, lo_s, hi_s, exp in rows:
-            lo, hi = int(lo_s, 16), int(hi_s, 16)
-            out.setdefault(ban_set(fam, lo != hi), []).append((lo, hi, when(exp)))
+            try:
+                lo, hi = _interval(fam, lo_s, hi_s)
+                expires = when(exp)
+            except (ValueError, TypeError, KeyError):
+                continue
+            out.setdefault(ban_set(fam, lo != hi), []).append((lo, hi, expires))
         return out
 
     def delete_entry(self, name: str) -> bool:
@@ -334,13 +502,15 @@ class Store:
     # -- bans ---------------------------------------------------------------
     def bans(self) -> list[Ban]:
         rows = self._db.execute("SELECT * FROM bans ORDER BY address").fetchall()
-        return [_row_ban(r) for r in rows]
+        return self._parsed("bans", rows)
 
     def get_ban(self, address: str) -> Ban | None:
         row = self._db.execute("SELECT * FROM bans WHERE address = ?", (address,)).fetchone()
-        return _row_ban(row) if row else None
+        found = self._parsed("bans", [row] if row else [])
+        return found[0] if found else None
 
     def put_ban(self, b: Ban) -> None:
+        check_source(b.network)  # never stored: readers would refuse it back
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO bans(address, reason, origin, created, expires, offences, family, lo, hi)"
@@ -363,6 +533,61 @@ class Store:
     def offences(self, address: str) -> int:
         row = self._db.execute("SELECT offences FROM offenders WHERE address = ?", (address,)).fetchone()
         return int(row[0]) if row else 0
+
+    # -- rows that no longer parse ---------------------------------------------
+    def _parsed(self, table: str, rows: Sequence[sqlite3.Row]) -> list[Any]:
+        """Parse rows of `entries` or `bans`; one that fails is never fatal: it is logged
+        once, moved to the quarantine table (when the store is writable) and left out."""
+        parse = _row_entry if table == "entries" else _row_ban
+        out: list[Any] = []
+        for r in rows:
+            try:
+                out.append(parse(r))
+            except (Tm4Error, ValueError, TypeError, KeyError, AttributeError) as exc:
+                self._quarantine(table, r, _why(exc))
+        return out
+
+    def _quarantine(self, table: str, r: sqlite3.Row, reason: str) -> None:
+        key_col = "name" if table == "entries" else "address"
+        key = str(r[key_col])
+        if (table, key) not in self._reported:
+            self._reported.add((table, key))
+            log.error("event=row_quarantined table=%s key=%r reason=%r (see `tm4 quarantine list`)",
+                      table, key, reason)
+        try:
+            with self.transaction() as db:
+                db.execute("INSERT INTO quarantine(tbl, key, row, reason, ts) VALUES(?,?,?,?,?)",
+                           (table, key, json.dumps(dict(r), default=str), reason, format_time(utcnow())))
+                # rowid: the key column itself may be what is broken (NULL, wrong type)
+                db.execute(f"DELETE FROM {table} WHERE rowid = (SELECT rowid FROM {table} WHERE "
+                           f"{key_col} IS ?)", (r[key_col],))
+        except (StoreError, sqlite3.Error) as exc:
+            log.warning("event=quarantine_deferred table=%s key=%r reason=%s", table, key, exc)
+
+    def quarantined(self) -> list[QuarantinedRow]:
+        rows = self._db.execute("SELECT * FROM quarantine ORDER BY id").fetchall()
+        out = []
+        for r in rows:
+            try:
+                row = json.loads(r["row"])
+            except ValueError:
+                row = {"raw": r["row"]}
+            out.append(QuarantinedRow(int(r["id"]), r["tbl"], r["key"], row, r["reason"], r["ts"]))
+        return out
+
+    def drop_quarantined(self, ids: Sequence[int] | None) -> int:
+        """Forget quarantined rows (all of them when `ids` is None); how many went."""
+        with self.transaction() as db:
+            if ids is None:
+                return db.execute("DELETE FROM quarantine").rowcount
+            return sum(db.execute("DELETE FROM quarantine WHERE id = ?", (i,)).rowcount for i in ids)
+
+    def quarantine_scan(self) -> int:
+        """Parse every entry and ban once (start-up): what no longer parses is set aside
+        before anything relies on it. How many rows are in quarantine afterwards."""
+        self.entries()
+        self.bans()
+        return int(self._db.execute("SELECT count(*) FROM quarantine").fetchone()[0])
 
     # -- audit --------------------------------------------------------------
     def audit(self, action: str, subject: str, origin: str, actor: str, now: datetime, **detail: Any) -> None:
@@ -416,6 +641,26 @@ def range_key(net: IPNetwork) -> tuple[int, str, str]:
     lo = int(net.network_address)
     hi = int(net.broadcast_address)
     return net.version, f"{lo:0{width}x}", f"{hi:0{width}x}"
+
+
+def _interval(fam: Any, lo_s: Any, hi_s: Any) -> tuple[int, int]:
+    width = {4: 8, 6: 32}[fam]
+    if len(lo_s) != width or len(hi_s) != width:
+        raise ValueError("bad range columns")
+    lo, hi = int(lo_s, 16), int(hi_s, 16)
+    if lo > hi:
+        raise ValueError("bad range columns")
+    return lo, hi
+
+
+def _is_full(exc: BaseException) -> bool:
+    return (getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+            or getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+            or "disk is full" in str(exc))
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, Tm4Error) else f"{type(exc).__name__}: {exc}"
 
 
 def _statements(script: str) -> list[str]:

@@ -2,7 +2,9 @@
 
 Each change is written to the store and pushed to the kernel in the same step:
 the store transaction commits only after the kernel accepted the element
-changes, so the two never disagree after an error.
+changes, and when the commit fails (a full disk) the kernel change is undone,
+so the two never disagree after an error. A writer killed between its kernel
+change and its commit leaves a marker; the next writer or apply reconciles.
 """
 
 from __future__ import annotations
@@ -10,13 +12,21 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from tm4.core.config import Config
-from tm4.core.errors import ApplyError, ConflictError, LockoutError, NotFoundError, ValidationError
+from tm4.core.errors import (
+    ApplyError,
+    ConflictError,
+    LockoutError,
+    NotFoundError,
+    StoreError,
+    ValidationError,
+)
 from tm4.core.model import (
     Ban,
     Entry,
@@ -29,6 +39,7 @@ from tm4.core.model import (
     utcnow,
     validate_endpoint,
     validate_name,
+    validate_network,
 )
 from tm4.core.rules import (
     Element,
@@ -45,10 +56,12 @@ from tm4.core.services import resolve_services
 from tm4.core.store import Store
 from tm4.firewall import Backend, make_backend
 
+log = logging.getLogger("tm4.core")
+
 Clock = Callable[[], datetime]
 # Modules that contribute rule fragments (knock stages, ...): each has
 # `ruleset_extra(config, store) -> Ruleset | None`.
-RULESET_EXTRA_MODULES = ("tm4.knock.sequence", "tm4.ops.safemode")
+RULESET_EXTRA_MODULES = ("tm4.knock.sequence", "tm4.ops.safemode", "tm4.sources.blocklists")
 
 
 class Core:
@@ -213,7 +226,9 @@ class Core:
         offences: int | None = None,
         force: bool = False,
     ) -> Ban:
-        net = parse_network(address, force=force) if isinstance(address, str) else address
+        # A network object (the guard's) gets the very checks a typed address gets.
+        net = parse_network(address, force=force) if isinstance(address, str) \
+            else validate_network(address, force=force)
         if net.network_address.is_loopback:
             raise ValidationError(f"{address} is loopback; tm4 never bans the server itself")
         with self.store.transaction():
@@ -263,17 +278,32 @@ class Core:
         return render_ruleset(self.store.set_items(now), self.config, now, extras)
 
     def apply(self, ruleset: Ruleset | None = None) -> Ruleset:
-        """Replace the kernel table in one transaction; on failure the old one stays, whole."""
-        rs = ruleset or self.render()
+        """Replace the kernel table in one transaction; on failure the old one stays, whole.
+
+        Runs under the store's write lock, so no writer is between its kernel change and
+        its commit; settles what writers killed in that window left (their markers).
+        On a full disk (read-only store) the rules are loaded all the same."""
         now = self.clock()
-        self.backend.apply(rs, now)  # type: ignore[call-arg]
-        self.store.set_meta("last_apply", format_time(now))
-        fingerprint = rules_fingerprint(rs)
-        if fingerprint != self.store.get_meta("applied_rules") or not self.store.get_meta("applied_listing"):
-            # The kernel's own spelling of our rules, for drift checks. Listing costs a dump
-            # of every set element, so it is taken only when the rules' shape changed.
-            self.store.set_meta("applied_listing", _rules_part(self.backend.listing(terse=True) or ""))  # type: ignore[call-arg]
-            self.store.set_meta("applied_rules", fingerprint)
+        if self.store.read_only:
+            rs = ruleset or self.render()
+            self.backend.apply(rs, now)  # type: ignore[call-arg]
+            log.warning("event=applied_unrecorded reason=%s", self.store.read_only)
+            return rs
+        with self.store.transaction():
+            interrupted = self.store.interrupted_kernel_changes()
+            rs = ruleset or self.render()
+            self.backend.apply(rs, now)  # type: ignore[call-arg]
+        self.store.forget_kernel_changes(interrupted)
+        try:
+            self.store.set_meta("last_apply", format_time(now))
+            fingerprint = rules_fingerprint(rs)
+            if fingerprint != self.store.get_meta("applied_rules") or not self.store.get_meta("applied_listing"):
+                # The kernel's own spelling of our rules, for drift checks. Listing costs a dump
+                # of every set element, so it is taken only when the rules' shape changed.
+                self.store.set_meta("applied_listing", _rules_part(self.backend.listing(terse=True) or ""))  # type: ignore[call-arg]
+                self.store.set_meta("applied_rules", fingerprint)
+        except StoreError as exc:
+            raise StoreError(f"rules applied, but not recorded: {exc}") from None
         return rs
 
     def sweep(self) -> tuple[list[str], list[str]]:
@@ -328,18 +358,46 @@ class Core:
     def _push(self, changes: SetChanges) -> None:
         """Send element changes to the kernel if tm4's table is loaded there.
 
-        Called inside the store transaction: if the kernel refuses, nothing is stored.
+        Called inside the store transaction: if the kernel refuses, nothing is stored;
+        if the transaction then does not commit, the change is undone (Store.on_abort).
         A refused batch (an element timed out meanwhile, drift) falls back to one full
-        apply of the new state, which is always exact.
+        apply of the new state, which is always exact; so does a marker left by a writer
+        killed between its kernel change and its commit.
         """
         if not changes:
             return
+        self.store.mark_kernel_change()  # refused on a full disk, before the kernel is touched
+        interrupted = self.store.interrupted_kernel_changes()
+        if interrupted:
+            log.warning("event=reconcile reason=a writer died between its kernel change and its commit "
+                        "markers=%s", ",".join(m.name for m in interrupted))
+            if self.backend.present():
+                self._apply_store_state()
+                self.store.on_abort(self._apply_store_state)
+            self.store.forget_kernel_changes(interrupted)
+            return
         try:
             self.backend.apply_changes(changes, self.clock())  # type: ignore[call-arg]
+            self.store.on_abort(lambda: self._undo(changes))
         except ApplyError:
             if not self.backend.present():
                 return  # not loaded: the store is the truth, `tm4 apply` loads it
-            self.backend.apply(self.render(), self.clock())  # type: ignore[call-arg]
+            self._apply_store_state()
+            self.store.on_abort(self._apply_store_state)
+
+    def _apply_store_state(self) -> None:
+        """One full apply of what the store holds now (inside or after a transaction)."""
+        self.backend.apply(self.render(), self.clock())  # type: ignore[call-arg]
+
+    def _undo(self, changes: SetChanges) -> None:
+        """The transaction that made `changes` did not commit: take them back out of the
+        kernel (the rolled-back store is the truth again)."""
+        inverse = SetChanges(delete=changes.add, add=changes.delete, versions=changes.versions)
+        try:
+            self.backend.apply_changes(inverse, self.clock())  # type: ignore[call-arg]
+        except ApplyError:
+            self._apply_store_state()
+        log.warning("event=kernel_change_undone reason=the store did not commit")
 
     def protected_sources(self) -> list[IPNetwork]:
         if self._protect is None:
