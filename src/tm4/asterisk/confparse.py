@@ -81,8 +81,12 @@ def _strip_comment(line: str, in_block: bool) -> tuple[str, bool]:
     return "".join(out), in_block
 
 
-def read_conf(path: str | Path, config_dir: str | Path | None = None) -> ConfFile:
-    """Parse one config file and everything it includes; templates are applied."""
+def read_conf(path: str | Path, config_dir: str | Path | None = None, *,
+              confine: bool = False) -> ConfFile:
+    """Parse one config file and everything it includes; templates are applied.
+
+    `confine`: an include that resolves outside `config_dir` is refused (a note
+    saying so), never read -- what an audit of someone else's files needs."""
     p = Path(path)
     base = Path(config_dir) if config_dir else p.parent
     sections: list[Section] = []
@@ -90,13 +94,13 @@ def read_conf(path: str | Path, config_dir: str | Path | None = None) -> ConfFil
     if not p.is_file():
         notes.append(f"{p.name}: not found")
         return ConfFile(sections, notes)
-    _read(p, base, sections, notes, [], None)
+    _read(p, base, sections, notes, [], None, base.resolve() if confine else None)
     _apply_templates(sections, notes)
     return ConfFile(sections, notes)
 
 
 def _read(path: Path, base: Path, sections: list[Section], notes: list[str], stack: list[Path],
-          current: Section | None) -> Section | None:
+          current: Section | None, root: Path | None = None) -> Section | None:
     """Read one file into `sections`; an included file continues the includer's current
     section (as Asterisk does), so this returns the section that is current at its end."""
     real = path.resolve()
@@ -127,7 +131,10 @@ def _read(path: Path, base: Path, sections: list[Section], notes: list[str], sta
             if not matches and kind == "include":
                 notes.append(f"{where}: #include {target}: not found")
             for m in matches:
-                current = _read(Path(m), base, sections, notes, stack, current)
+                if root is not None and not Path(m).resolve().is_relative_to(root):
+                    notes.append(f"{where}: #{kind} {target}: outside the configuration directory; refused, not read")
+                    continue
+                current = _read(Path(m), base, sections, notes, stack, current, root)
             continue
         line, in_block = _strip_comment(raw, in_block)
         line = line.strip()
@@ -141,14 +148,18 @@ def _read(path: Path, base: Path, sections: list[Section], notes: list[str], sta
                 continue
             flags = [f.strip() for f in (m.group(2) or "").split(",") if f.strip()]
             name = m.group(1).strip()
-            if "+" in flags:  # [name](+): add to the section already defined
-                prev = next((s for s in reversed(sections) if s.name == name), None)
+            adds = [f for f in flags if f.startswith("+")]
+            if adds:  # [name](+) or [name](+type=endpoint): add to the FIRST matching section
+                prev = next((s for s in sections if s.name == name
+                             and _matches(s, adds[0][1:], sections)), None)
                 if prev is not None:
                     current = prev
                     continue
+                notes.append(f"{where}: [{name}]({adds[0]}) adds to a section that is not defined "
+                             "before it (Asterisk refuses the whole file)")
             current = Section(
                 name=name, where=where, is_template="!" in flags,
-                templates=tuple(f for f in flags if f not in ("!", "+")),
+                templates=tuple(f for f in flags if f != "!" and not f.startswith("+")),
             )
             sections.append(current)
             continue
@@ -165,6 +176,30 @@ def _read(path: Path, base: Path, sections: list[Section], notes: list[str], sta
             continue
         current.options.append(Option(key, value, where))
     return current
+
+
+def _inherited(section: Section, sections: list[Section], depth: int = 0) -> list[Option]:
+    """A section's options with its templates' first (Asterisk copies them at the header)."""
+    out: list[Option] = []
+    for t in section.templates:
+        tmpl = next((s for s in sections if s.name == t and s is not section), None)
+        if tmpl is not None and depth < MAX_DEPTH:
+            out += _inherited(tmpl, sections, depth + 1)
+    return out + section.options
+
+
+def _matches(section: Section, flt: str, sections: list[Section]) -> bool:
+    """Asterisk's `(+key=regex)` qualifier (several joined by &); empty matches all."""
+    options = _inherited(section, sections)
+    for part in filter(None, flt.split("&")):
+        key, _, want = part.partition("=")
+        try:
+            kre, vre = re.compile(key.strip(), re.IGNORECASE), re.compile(want.strip())
+        except re.error:
+            return False
+        if not any(kre.fullmatch(o.key) and vre.search(o.value) for o in options):
+            return False
+    return True
 
 
 def _apply_templates(sections: list[Section], notes: list[str]) -> None:
