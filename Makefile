@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: deps lab demo test test-future lint bench install sounds clean
+.PHONY: deps lab demo test test-future lint bench wheel dist install uninstall sounds clean
 
 deps:
 	./scripts/install-deps.sh
@@ -32,17 +32,29 @@ sounds:
 bench: deps
 	for b in bench/*.py; do $(PY) $$b || exit 1; done
 
-# Puts tm4 on this host for real: commands, systemd units, config skeleton, state dir,
-# and the dial-in pieces for Asterisk (AGI script, prompts, dialplan context).
-install: deps
-	ln -sf $(CURDIR)/.venv/bin/tm4 /usr/local/bin/tm4
-	ln -sf $(CURDIR)/.venv/bin/tm4d /usr/local/bin/tm4d
-	$(PY) -m tm4.cli install-service --tm4d /usr/local/bin/tm4d
-	install -d /var/lib/asterisk/agi-bin
-	ln -sf $(CURDIR)/agi-bin/tm4-dialin.agi /var/lib/asterisk/agi-bin/tm4-dialin.agi
-	install -d /var/lib/asterisk/sounds/en/tm4
-	install -m 0644 sounds/en/* /var/lib/asterisk/sounds/en/tm4/
-	install -D -m 0644 dialplan/extensions_tm4.conf /etc/asterisk/extensions_tm4.conf
+# The wheel: tm4 with what a PBX needs as package data (AGI entry point, dialplan, prompts,
+# systemd units, the example config). `dist` alone builds it with the .venv's setuptools.
+wheel: deps
+	$(MAKE) dist
+
+dist:
+	rm -rf dist build
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w dist .
+
+# Puts tm4 on this host for real, from the wheel: a venv of its own in $(PREFIX), then
+# `tm4 install` (AGI launcher, prompts, dialplan, systemd units, config skeleton, links in
+# /usr/local/bin). Nothing points into this checkout afterwards.
+# Debian's python3: Asterisk's user must be able to run the venv's interpreter.
+PREFIX ?= /opt/tm4
+SYSTEM_PYTHON ?= /usr/bin/python3
+install: wheel
+	test -x $(PREFIX)/bin/python || $(SYSTEM_PYTHON) -m venv $(PREFIX)
+	$(PREFIX)/bin/pip install -q dist/tm4-*.whl
+	$(PREFIX)/bin/pip install -q --force-reinstall --no-deps dist/tm4-*.whl
+	$(PREFIX)/bin/tm4 install
+
+uninstall:
+	$(PREFIX)/bin/tm4 uninstall
 
 clean:
-	rm -rf .venv build *.egg-info .pytest_cache
+	rm -rf .venv build dist *.egg-info src/*.egg-info .pytest_cache

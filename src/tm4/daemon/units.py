@@ -1,101 +1,61 @@
-"""The systemd units, rendered for where tm4d is installed. systemd/*.service in the
-repository are these, rendered for /usr/local/bin (a test keeps them equal)."""
+"""The systemd units, rendered for where tm4d is installed: the shipped systemd/*.service
+(written for /usr/local/bin/tm4d and the default paths) with the host's paths put in."""
 
 from __future__ import annotations
 
-BOOT_UNIT = """\
-[Unit]
-Description=tm4 firewall: load the stored rule set before the network comes up
-Documentation=man:tm4(8) https://github.com/tm4/tm4
-DefaultDependencies=no
-# Before any interface is up, and after nftables.service (whose `flush ruleset`
-# would otherwise remove tm4's table again).
-Before=network-pre.target shutdown.target
-Wants=network-pre.target
-After=local-fs.target nftables.service
-Conflicts=shutdown.target
-RequiresMountsFor={state_dir}
+from tm4.core.errors import ConfigError
+from tm4.daemon.shipped import SYSTEMD, shipped_text
 
-[Service]
-Type=oneshot
-RemainAfterExit=yes
-# Never needs DNS or Asterisk: DNS names load with their last known addresses.
-# Decides safe mode (ssh open to all for a few minutes after a short previous boot).
-ExecStart={tm4d} --boot --config {config}
-StandardOutput=journal
-SyslogIdentifier=tm4-boot
+UNIT_NAMES = ("tm4-boot.service", "tm4d.service")
+# What the shipped files (systemd/*.service) are rendered for.
+SHIPPED_FOR = {"tm4d": "/usr/local/bin/tm4d", "config": "/etc/tm4/tm4.toml", "state_dir": "/var/lib/tm4",
+               "asterisk_dir": "/etc/asterisk", "protect_home": "yes", "socket": "/run/tm4/tm4.sock"}
+RUNTIME_DIR = "/run/tm4"  # RuntimeDirectory=tm4: writable for the control socket
+_UNSAFE = set(" \t\n\r\0\"'\\%$;")  # systemd would split, quote or expand these
 
-[Install]
-WantedBy=sysinit.target
-"""
 
-DAEMON_UNIT = """\
-[Unit]
-Description=tm4 firewall daemon (AMI guard, DNS refresh, dial-in, drift repair)
-Documentation=man:tm4(8) https://github.com/tm4/tm4
-After=tm4-boot.service network-online.target
-Wants=tm4-boot.service network-online.target
-Before=asterisk.service
+def _path(what: str, value: str) -> str:
+    if not value.startswith("/") or any(c in _UNSAFE for c in value):
+        raise ConfigError(f"{what} {value!r} cannot go into a systemd unit: it must be an absolute "
+                          "path without blanks, quotes, '%', '$' or ';'")
+    return value
 
-[Service]
-Type=notify
-NotifyAccess=main
-ExecStart={tm4d} --config {config}
-ExecReload=/bin/kill -HUP $MAINPID
-# Stopping tm4d leaves the rules in force (fail closed): no ExecStop.
-Restart=on-failure
-RestartSec=2s
-SyslogIdentifier=tm4d
 
-# Hardened, but able to do all it must.
-User=root
-# netlink for nftables; Unix for the control socket and journal; TCP for AMI and FastAGI
-RestrictAddressFamilies=AF_UNIX AF_NETLINK AF_INET AF_INET6
-# NET_ADMIN: the rules; CHOWN/FOWNER/DAC_OVERRIDE: Asterisk's ACL file written with its
-# owner kept and the control socket given to the Asterisk group; KILL: notify_command timeouts
-CapabilityBoundingSet=CAP_NET_ADMIN CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE CAP_KILL
-AmbientCapabilities=
-NoNewPrivileges=yes
-ProtectSystem=strict
-ReadWritePaths={state_dir} {asterisk_dir} -/etc/tm4
-RuntimeDirectory=tm4
-RuntimeDirectoryMode=0755
-RuntimeDirectoryPreserve=restart
-ProtectHome={protect_home}
-PrivateTmp=yes
-PrivateDevices=yes
-ProtectKernelLogs=yes
-ProtectControlGroups=yes
-ProtectClock=yes
-ProtectHostname=yes
-RestrictNamespaces=yes
-RestrictRealtime=yes
-RestrictSUIDSGID=yes
-LockPersonality=yes
-# (no MemoryDenyWriteExecute: libnftables is reached through ctypes/libffi)
-SystemCallArchitectures=native
-# @system-service keeps chown (the ACL file's owner) and everything nft needs
-SystemCallFilter=@system-service
-SystemCallFilter=~@mount @swap @reboot @obsolete @raw-io @module @cpu-emulation @debug
-SystemCallErrorNumber=EPERM
-UMask=0027
-
-[Install]
-WantedBy=multi-user.target
-"""
+def _render(text: str, v: dict[str, str]) -> str:
+    """The shipped unit with its few host-specific lines rewritten."""
+    cfg_dir = v["config"].rsplit("/", 1)[0] or "/"
+    out = []
+    for line in text.splitlines(keepends=True):
+        key, sep, value = line.partition("=")
+        if sep and key == "ExecStart":
+            args = value.partition(" ")[2]  # the program is replaced, its arguments kept
+            args = args.replace(f"--config {SHIPPED_FOR['config']}", f"--config {v['config']}")
+            line = f"ExecStart={v['tm4d']} {args}"
+        elif sep and key == "RequiresMountsFor":
+            line = f"RequiresMountsFor={v['state_dir']}\n"
+        elif sep and key == "ReadWritePaths":
+            # ProtectSystem=strict: a control socket outside /run/tm4 needs its directory writable
+            sock_dir = v["socket"].rsplit("/", 1)[0] or "/"
+            extra = f" -{sock_dir}" if sock_dir != RUNTIME_DIR else ""
+            line = f"ReadWritePaths={v['state_dir']} -{v['asterisk_dir']} -{cfg_dir}{extra}\n"
+        elif sep and key == "ProtectHome":
+            line = f"ProtectHome={v['protect_home']}\n"
+        out.append(line)
+    return "".join(out)
 
 
 def render_units(tm4d: str = "/usr/local/bin/tm4d", config: str = "/etc/tm4/tm4.toml",
                  state_dir: str = "/var/lib/tm4", asterisk_dir: str = "/etc/asterisk",
-                 protect_home: str = "yes") -> dict[str, str]:
+                 protect_home: str = "yes", socket: str = "/run/tm4/tm4.sock") -> dict[str, str]:
     """`protect_home`: "yes", or "read-only" when tm4 itself lives under /home or /root
     (a checkout's venv there must stay readable)."""
-    values = {"tm4d": tm4d, "config": config, "state_dir": state_dir, "asterisk_dir": f"-{asterisk_dir}",
-              "protect_home": protect_home}
-    return {
-        "tm4-boot.service": BOOT_UNIT.format(**values),
-        "tm4d.service": DAEMON_UNIT.format(**values),
-    }
+    if protect_home not in ("yes", "read-only"):
+        raise ConfigError(f"ProtectHome={protect_home!r}: tm4 renders only yes or read-only")
+    values = {"tm4d": _path("tm4d", tm4d), "config": _path("config", config),
+              "state_dir": _path("state_dir", str(state_dir)),
+              "asterisk_dir": _path("asterisk config_dir", str(asterisk_dir)), "protect_home": protect_home,
+              "socket": _path("daemon socket", socket)}
+    return {name: _render(shipped_text(f"{SYSTEMD}/{name}"), values) for name in UNIT_NAMES}
 
 
 HOMES = ("/home/", "/root/", "/run/user/")
