@@ -61,6 +61,8 @@ class Ruleset:
     input_rules: list[str] = field(default_factory=list)
     # Extra chains (name -> rules), for knock stages and similar.
     chains: dict[str, list[str]] = field(default_factory=dict)
+    # Rules an extra puts right after the ban rules, ahead of every accept (blocklists).
+    early_rules: list[str] = field(default_factory=list)
 
     def elements(self) -> dict[str, dict[tuple[int, int], Element]]:
         return {n: {e.key(): e for e in s.elements} for n, s in self.sets.items() if not s.dynamic}
@@ -312,6 +314,8 @@ def render_ruleset(
     r.append("ip saddr @ban4n counter drop")
     r.append("ip6 saddr @ban6 counter drop")
     r.append("ip6 saddr @ban6n counter drop")
+    for extra in extras:
+        r.extend(extra.early_rules)
     r.append('iif "lo" accept')
     r.extend(responsive_rules(config))  # before conntrack: a flood may ride one established flow
     r.append("ct state established,related accept")

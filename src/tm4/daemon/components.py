@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tm4.daemon")
 
 KNOCK_INTERVAL = 1.0
+BLOCKLIST_INTERVAL = 60.0  # how often tm4d looks for lists due a refresh
 MAX_BACKOFF = 60.0
 
 
@@ -141,6 +142,18 @@ async def _run_knock(d: Daemon, mod: Any) -> None:
         await asyncio.sleep(KNOCK_INTERVAL)
 
 
+async def _run_blocklists(d: Daemon, mod: Any) -> None:
+    # Fetching runs in a worker thread; the store and the kernel are touched on the loop.
+    while True:
+        chosen = mod.due(d.core, due_only=True)
+        if chosen:
+            results = await asyncio.to_thread(mod.load, d.core, chosen)
+            mod.save(d.core, chosen, results)
+            for r in results:
+                log.info("event=blocklist_refresh list=%s changed=%s error=%r", r.name, r.changed, r.error)
+        await asyncio.sleep(BLOCKLIST_INTERVAL)
+
+
 def default_components() -> list[Component]:
     return [
         Component("guard", "tm4.guard.runtime", _run_guard, ("ami", "guard", "firewall"),
@@ -150,4 +163,5 @@ def default_components() -> list[Component]:
                   wanted=lambda cfg: bool(cfg.daemon.fastagi)),
         Component("knock", "tm4.knock.sequence", _run_knock, ("knock",),
                   wanted=lambda cfg: cfg.knock.enabled and cfg.knock.activate),
+        Component("blocklists", "tm4.sources.blocklists", _run_blocklists),
     ]
