@@ -16,9 +16,17 @@ faithful to them, which test_agisim.py checks by replaying them byte for byte:
   `511 Command Not Permitted on a dead channel or intercept routine`, while
   VERBOSE and GET VARIABLE still answer 200;
 - STREAM FILE of a missing file: `200 result=-1 endpos=0`.
+- keys typed ahead (real2 capture, tests/fixtures/dialin/real2/): GET DATA
+  stops at `#` (or max digits) and the keys after it fall into the next
+  command; STREAM FILE / SAY ALPHA without escape digits read them and drop
+  them (`200 result=0 endpos=<full>`). With escape digits the first escape key
+  stops the prompt and `result=` is its character code (res_agi.c
+  handle_streamfile/handle_sayalpha, file.c waitstream_core; no capture has
+  that reply, so endpos is only "inside the sound"); WAIT FOR DIGIT takes one
+  key the same way (0: none).
 
-The caller is scripted: the keys typed at each GET DATA, and the command
-during which they hang up.
+The caller is scripted: the keys typed at each GET DATA (anything after a `#`
+is typed on into the next command), and the command during which they hang up.
 """
 
 from __future__ import annotations
@@ -80,7 +88,8 @@ class Caller:
 
     keys: what they type at each GET DATA, in order: "1234#" (ended with #),
     "12" (no # -> they stop, the timeout ends it), None (nothing -> timeout),
-    "#" (just the pound key). When the list runs out they hang up.
+    "#" (just the pound key). Keys after the `#` ("203*0*113*7#1") are typed
+    ahead: they fall into the next command. When the list runs out they hang up.
     hangup_at: hang up during the command with this index (0 = first command),
     or hangup_on: during the first command starting with this text.
     """
@@ -141,7 +150,10 @@ class Channel:
         self.missing: list[str] = []
         self.waited_ms = 0
         self.variables: dict[str, str] = {}
+        self.dropped: list[str] = []  # keys typed during a prompt that did not listen for them
+        self.escaped: list[str] = []  # keys that stopped a prompt
         self._keys = list(self.caller.keys)
+        self._ahead = ""  # keys typed during whatever command comes next
 
     # -- environment ---------------------------------------------------------------
     def env_lines(self, host: str = "127.0.0.1", port: int = 4573) -> list[str]:
@@ -247,22 +259,43 @@ class Channel:
                 return ["200 result=-1 endpos=0"]
             if cut:
                 return [f"200 result=-1 endpos={min(self.caller.hangup_endpos, endpos)}"]
+            key = self._escape(a[1])
+            if key:
+                return [f"200 result={ord(key)} endpos={endpos // 2}"]
             return [f"200 result=0 endpos={endpos}"]
         if name in ("SAY DIGITS", "SAY ALPHA"):
             if len(a) != 2:
                 return self._usage(name)
             self.said.append(a[0])
-            return ["200 result=-1"] if cut else ["200 result=0"]
+            if cut:
+                return ["200 result=-1"]
+            key = self._escape(a[1])
+            return [f"200 result={ord(key)}" if key else "200 result=0"]
         if name == "WAIT FOR DIGIT":
             if len(a) != 1:
                 return self._usage(name)
             if cut:
                 return ["200 result=-1"]
+            if self._ahead:
+                key, self._ahead = self._ahead[0], self._ahead[1:]
+                self.escaped.append(key)
+                return [f"200 result={ord(key)}"]
             self.waited_ms += max(0, int(a[0]))
             return ["200 result=0"]
         if name == "GET DATA":
             return self._get_data(a)
         return ["510 Invalid or unknown command"]
+
+    def _escape(self, digits: str) -> str:
+        """Keys typed during a prompt: up to the first escape digit they are read and dropped;
+        that one stops the prompt (returned); the rest come later."""
+        while self._ahead:
+            key, self._ahead = self._ahead[0], self._ahead[1:]
+            if key in digits:
+                self.escaped.append(key)
+                return key
+            self.dropped.append(key)
+        return ""
 
     def _variable(self, name: str) -> str | None:
         ln = self.line
@@ -285,19 +318,25 @@ class Channel:
         if self.hung_up_now:
             return ["200 result=-1"]
         maxd = int(a[2]) if len(a) >= 3 else 1024
-        if not self._keys:  # the caller has nothing more to say: they hang up
+        if self._ahead:
+            typed: str | None = self._ahead
+            self._ahead = ""
+        elif not self._keys:  # the caller has nothing more to say: they hang up
             self.alive = False
             self.hung_up_now = True
             return ["200 result=-1"]
-        typed = self._keys.pop(0)
+        else:
+            typed = self._keys.pop(0)
         if typed is None:
             return ["200 result= (timeout)"]
         got = ""
-        for k in typed:
+        for i, k in enumerate(typed):
             if k == "#":
+                self._ahead = typed[i + 1:]
                 return [f"200 result={got}"]
             got += k
             if len(got) >= maxd:
+                self._ahead = typed[i + 1:]
                 return [f"200 result={got}"]
         return [f"200 result={got} (timeout)"]
 
@@ -430,6 +469,29 @@ def load_capture(path: Path) -> Capture:
         else:
             env.append(text)
     return Capture(env, exchanges, network=any(e.startswith("agi_network:") for e in env))
+
+
+def load_streams(asterisk_to_agi: bytes, agi_to_asterisk: bytes) -> Capture:
+    """A FastAGI call from its two raw byte streams (no timing): each command gets the lines up
+    to and including the next coded reply; HANGUP lines after the last reply go with it."""
+    lines = asterisk_to_agi.decode().split("\n")
+    assert lines[-1] == "", "the stream ends with a newline"
+    lines = lines[:-1]
+    blank = lines.index("")
+    env, replies = lines[:blank + 1], lines[blank + 1:]
+    commands = agi_to_asterisk.decode().split("\n")[:-1]
+    exchanges: list[tuple[str, list[str]]] = []
+    i = 0
+    for cmd in commands:
+        got: list[str] = []
+        while i < len(replies):
+            got.append(replies[i])
+            i += 1
+            if got[-1][:3].isdigit():
+                break
+        exchanges.append((cmd, got))
+    exchanges[-1][1].extend(replies[i:])
+    return Capture(env, exchanges, network=True)
 
 
 def channel_for_capture(cap: Capture, caller: Caller) -> Channel:

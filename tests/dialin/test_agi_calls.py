@@ -163,7 +163,7 @@ BAD = [
     ("*203*0*113*7#", ["tm4/addr-invalid", "tm4/addr-empty-part"]),
     ("#", ["tm4/addr-invalid", "tm4/addr-empty"]),
     (None, ["tm4/addr-invalid", "tm4/addr-empty"]),
-    ("1" * 300, ["tm4/addr-invalid", "tm4/addr-too-long"]),
+    ("1" * 16, ["tm4/addr-invalid", "tm4/addr-too-long"]),  # GET DATA stops at 16: no key left over
     ("127*0*0*1#", ["tm4/addr-loopback"]),
     ("198*51*100*1#", ["tm4/addr-own"]),  # the server's external address
 ]
@@ -174,7 +174,7 @@ def test_bad_address_three_times(rig2: Rig, keys: str | None, why: list[str]) ->
     ch = rig2.call(Caller(keys=[CODE + "#", keys, keys, keys]))
     assert heard(ch) == ["tm4/enter-passcode"] + ["tm4/enter-address", *why] * 3 + ["tm4/goodbye"]
     assert rig2.entry() == [] and rig2.kernel() == set()
-    if keys and len(keys) > 100:  # GET DATA stopped at its max digits
+    if keys and len(keys) >= 16:  # GET DATA stopped at its max digits
         assert "GET DATA tm4/enter-address 10000 16" in ch.commands
 
 
@@ -222,15 +222,60 @@ def test_classic_without_sighup_ends_on_511(tmp_path: Path) -> None:
     """Set(AGISIGHUP=no): no signal; only -1, then 511 (pyst2's AGIUnknownError) tell of the hang-up."""
     with rig_for("classic-socket", tmp_path) as rig:
         ch = rig.call(Caller(keys=list(HAPPY), hangup_on="SAY ALPHA", sighup=False))
-        assert ch.commands[-1] == 'SAY ALPHA 203.0.113.7 ""' or ch.commands[-1].startswith("VERBOSE")
+        assert ch.commands[-1] == 'SAY ALPHA 203.0.113.7 "12"' or ch.commands[-1].startswith("VERBOSE")
         assert not any(c.startswith("GET DATA tm4/confirm") for c in ch.commands)
         assert rig.entry() == []
         # a missing sound file (-1 endpos=0) is not a hang-up; the 511 that follows is
         ch = rig.call(Caller(keys=list(HAPPY), hangup_on="STREAM FILE tm4/you-entered", sighup=False,
                              hangup_endpos=0))
-        assert ch.transcript[ch.transcript.index(("SEND", 'SAY ALPHA 203.0.113.7 ""')) + 1][1].startswith("511")
+        assert ch.transcript[ch.transcript.index(("SEND", 'SAY ALPHA 203.0.113.7 "12"')) + 1][1].startswith("511")
         assert not any(c.startswith("GET DATA tm4/confirm") for c in ch.commands)
         assert rig.entry() == []
+
+
+# -- keys typed ahead (real2 capture: a key pressed during a prompt without escape digits is lost)
+
+def test_confirm_typed_during_the_read_back_completes_the_call(rig: Rig) -> None:
+    """The capture's call 2: `203*0*113*7#1` in one go. The read-back listens for 1 and 2, the 1
+    stops it, and the call is granted without asking again."""
+    ch = rig.call(Caller(keys=[CODE + "#", "203*0*113*7#1"]))
+    assert ch.escaped == ["1"] and ch.dropped == []
+    assert 'STREAM FILE tm4/you-entered "12"' in ch.commands
+    assert not any(c.startswith(("SAY ALPHA 203.0.113.7", "GET DATA tm4/confirm")) for c in ch.commands), \
+        "the read-back stops at the key and the question is not asked again"
+    assert rig.entry() == ["203.0.113.7"]
+    assert ch.commands[-1].startswith('VERBOSE "tm4 dial-in: granted') and "typed_ahead=1" in ch.commands[-1]
+
+
+def test_enter_again_typed_during_the_read_back(rig2: Rig) -> None:
+    ch = rig2.call(Caller(keys=[CODE + "#", "203*0*113*7#2", "198*51*100*77#1"]))
+    assert ch.escaped == ["2", "1"]
+    assert rig2.entry() == ["198.51.100.77"], "2 typed ahead: enter again; then 1 confirms"
+
+
+def test_passcode_typed_during_not_accepted(rig: Rig) -> None:
+    """A wrong passcode, and the right one typed straight after it, while "not accepted" plays:
+    its first key stops the prompt, the rest are read key by key (WAIT FOR DIGIT)."""
+    ch = rig.call(Caller(keys=["11111111#" + CODE + "#", "203*0*113*7#", "1"]))
+    assert ch.escaped == [CODE[0], *CODE[1:], "#"]
+    assert heard(ch).count("tm4/enter-passcode") == 1, "the prompt is not played over the caller"
+    assert "WAIT FOR DIGIT 10000" in ch.commands
+    assert rig.entry() == ["203.0.113.7"]
+
+
+def test_address_typed_during_the_refusal(rig2: Rig) -> None:
+    ch = rig2.call(Caller(keys=[CODE + "#", "1*2*3#203*0*113*7#", "1"]))
+    assert ch.escaped[:2] == ["2", "0"] and "tm4/addr-invalid" in heard(ch)
+    assert heard(ch).count("tm4/enter-address") == 1
+    assert rig2.entry() == ["203.0.113.7"]
+
+
+def test_keys_typed_during_a_prompt_that_does_not_listen_are_lost(rig2: Rig) -> None:
+    """After the last wrong try nothing is asked: "not accepted" listens to nothing, the keys are
+    dropped as Asterisk drops them, and the call ends."""
+    ch = rig2.call(Caller(keys=["1#", "2#", "3#" + CODE + "#"]))
+    assert ch.escaped == [] and "".join(ch.dropped) == CODE + "#"
+    assert heard(ch)[-1] == "tm4/goodbye" and rig2.entry() == []
 
 
 # -- across calls ----------------------------------------------------------------------------

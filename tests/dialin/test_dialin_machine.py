@@ -41,7 +41,7 @@ CODE = "48213977"
 class Script:
     """The caller (keys per question) and the backend, as plain data."""
 
-    keys: list[str | None]
+    keys: list[str | None]  # ">1": typed during the prompt before the question (if it listens)
     own: str = ""
     delay: float = 0.0
     refuse: dict[str, str] = field(default_factory=dict)  # address -> reason from the server
@@ -57,10 +57,18 @@ class Script:
             return HungUp()
         if isinstance(action, Identify):
             return CallInfo(callerid="5551234")
+        if isinstance(action, Play | SayAddress):
+            if self.keys and (self.keys[0] or "").startswith(">"):
+                k = self.keys.pop(0)[1:]  # type: ignore[index]
+                return Done(k[0]) if k[0] in action.keys else Done()  # else the key is lost
+            return Done()
         if isinstance(action, Ask):
+            if action.first and action.max_digits == 1:
+                return Digits(action.first)
             if not self.keys:
                 return HungUp()
             k = self.keys.pop(0)
+            k = action.first + (k or "")
             return NoInput() if not k else Digits(k)
         if isinstance(action, Verify):
             if self.verify_fails:
@@ -108,6 +116,8 @@ def test_the_whole_call() -> None:
     assert grant == Grant("tok", "203.0.113.7", "5551234")
     # "access granted" only after the grant came back
     assert s.actions.index(grant) < s.actions.index(Play((d.ACCESS_GRANTED,)))
+    assert s.of(SayAddress)[0].keys == d.CHOICE_KEYS, "the read-back listens for the confirmation"
+    assert all(not a.keys for a in s.of(Play)), "no question follows these prompts"
     assert s.of(CheckAddress) == [CheckAddress("tok", "203.0.113.7")]
 
 
@@ -200,7 +210,7 @@ def test_global_delay_is_waited_on_the_line() -> None:
     assert pauses == [Pause(4.0), Pause(4.0)]
     # the wait comes before the caller learns the verdict
     first = s.actions.index(pauses[0])
-    assert isinstance(s.actions[first - 1], Verify) and s.actions[first + 1] == Play((d.NOT_ACCEPTED,))
+    assert isinstance(s.actions[first - 1], Verify) and s.actions[first + 1] == Play((d.NOT_ACCEPTED,), d.ENTRY_KEYS)
 
 
 def test_backend_down_is_unavailable() -> None:
@@ -247,3 +257,53 @@ def test_prompt_list_matches_prompts_txt() -> None:
              (Path(__file__).parent.parent.parent / "sounds" / "prompts.txt").read_text().splitlines()
              if ln.strip() and not ln.startswith("#")}
     assert {p.removeprefix("tm4/") for p in d.PROMPTS} == names
+
+
+# -- keys typed ahead (Asterisk drops a key pressed during a prompt that does not listen) ----
+
+def test_confirm_typed_during_the_read_back_is_carried_on() -> None:
+    s = Script([CODE, "203*0*113*7", ">1"])
+    out = call(s)
+    assert out.status == "granted" and out.typed_ahead == 1
+    asks = s.of(Ask)
+    assert asks[-1] == Ask(d.CONFIRM, 1, 10000, first="1")
+    assert d.CONFIRM not in out.heard, "the confirmation prompt is not played over the caller"
+
+
+def test_re_enter_typed_during_the_read_back() -> None:
+    s = Script([CODE, "1*2*3*4", ">2", "5*6*7*8", "1"])
+    assert call(s).address == "5.6.7.8"
+
+
+def test_a_key_no_question_wants_is_not_carried() -> None:
+    s = Script([CODE, "203*0*113*7", ">7", "1"])
+    out = call(s)
+    assert out.status == "granted" and out.typed_ahead == 0
+    assert s.of(Ask)[-1] == Ask(d.CONFIRM, 1, 10000)
+
+
+def test_passcode_typed_during_not_accepted() -> None:
+    s = Script(["11111111", ">4", "8213977", "203*0*113*7", "1"])
+    out = call(s)
+    assert out.status == "granted" and out.passcode_tries == 2
+    assert [v.passcode for v in s.of(Verify)] == ["11111111", CODE]
+    assert s.of(Ask)[1] == Ask(d.ENTER_PASSCODE, 20, 10000, first="4")
+
+
+def test_address_typed_during_a_refusal_and_choices_during_invalid_choice() -> None:
+    s = Script([CODE, "1*2*3", ">2", "03*0*113*7", "9", ">1"])
+    out = call(s)
+    assert out.status == "granted" and out.address == "203.0.113.7" and out.typed_ahead == 2
+    s = Script([CODE, "7", ">2", "1*2*3*4", "1"], own="203.0.113.50")
+    assert call(s).address == "1.2.3.4"
+
+
+def test_prompts_before_goodbye_do_not_listen() -> None:
+    s = Script(["1", "2", "3"])
+    call(s)
+    nots = [a for a in s.of(Play) if a.prompts == (d.NOT_ACCEPTED,)]
+    assert [a.keys for a in nots] == [d.ENTRY_KEYS, d.ENTRY_KEYS, ""]
+    s = Script([CODE, "1*2", "1*2", "1*2"])
+    call(s)
+    refusals = [a for a in s.of(Play) if a.prompts[0] == "tm4/addr-invalid"]
+    assert [a.keys for a in refusals] == [d.ENTRY_KEYS, d.ENTRY_KEYS, ""]

@@ -95,7 +95,7 @@ def test_the_pbx_own_address_cannot_be_granted(pbx: tuple[Lab, Core, Echo]) -> N
     with fastagi_server(core) as app:
         ch = Channel(Line(), Caller(keys=[CODE + "#", "203*0*113*1#", None, None]), network=True)
         run_fastagi("127.0.0.1", app.port, ch)
-    assert "STREAM FILE tm4/addr-own \"\"" in ch.commands
+    assert any(c.startswith("STREAM FILE tm4/addr-own ") for c in ch.commands)
     assert entry_addresses(core, "dialin-alice") == []
 
 

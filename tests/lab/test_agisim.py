@@ -137,7 +137,7 @@ def test_replay_over_tcp_with_inline_hangup() -> None:
 
 
 def test_get_data_edges_follow_res_agi() -> None:
-    ch = Channel(Line(), Caller(keys=["12", None, "#", "1" * 300, "99#"]))
+    ch = Channel(Line(), Caller(keys=["12", None, "#", "1" * 16, "99#"]))  # keys after max digits: test_agisim_typeahead.py
     assert ch.handle("GET DATA beep 3000 20") == ["200 result=12 (timeout)"]
     assert ch.handle("GET DATA beep 3000 20") == ["200 result= (timeout)"]
     assert ch.handle("GET DATA beep 3000 20") == ["200 result="]

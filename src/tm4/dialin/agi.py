@@ -1,6 +1,6 @@
-"""AGI transports for the dial-in conversation: classic AGI (pyst2, stdin/stdout)
-here, FastAGI (panoramisk, TCP) in tm4.dialin.fastagi; the AGI commands for each
-action are shared.
+"""AGI transports for the dial-in conversation: classic AGI (stdin/stdout) here,
+FastAGI (panoramisk, TCP) in tm4.dialin.fastagi; the AGI commands for each
+action and the reading of Asterisk's replies are shared.
 
 What real Asterisk 22 does, and how it is handled (see tests/fixtures/agi/):
 - Replies are one line, `200 result=<r>[ (<data>)][ endpos=<n>]`; only a 520
@@ -9,20 +9,27 @@ What real Asterisk 22 does, and how it is handled (see tests/fixtures/agi/):
   nothing came, `200 result=12 (timeout)` when the caller stopped typing.
 - Hang-up, classic AGI: SIGHUP arrives, the running command answers
   `200 result=-1`, later channel commands `511 Command Not Permitted on a dead
-  channel`. pyst2 raises AGIUnknownError for that 511, not a hang-up: it is
-  treated as one, and so is end of input and a broken pipe.
+  channel`; end of input and a broken pipe are hang-ups too.
 - Hang-up, FastAGI: an unsolicited `HANGUP` line arrives after the interrupted
   command's `200 result=-1`, i.e. as the first line read for the NEXT command;
   it is skipped so replies stay in step (tm4.dialin.fastagi).
 - A missing sound file answers STREAM FILE with `200 result=-1 endpos=0`; that
   is not a hang-up (the next command would tell).
+- A key pressed during STREAM FILE or SAY ALPHA without escape digits is read
+  and dropped (real2 capture); with escape digits the first one stops the
+  prompt and `result=` is its character code (`200 result=49 endpos=4000` for
+  1; res_agi.c, file.c). WAIT FOR DIGIT answers the same way, 0 for no key.
+- Anything else (a line with no code, a cut or huge line, bytes that are not
+  text, a result that is no key) is a protocol error: the call ends as a hang-up.
+
+pyst2 is not used: its reader raises ValueError on a line without a code and
+loops forever on a cut usage block, and it costs import time before ANSWER.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import sys
 import time
@@ -77,7 +84,7 @@ class AgiReply:
     line: str = ""
 
 
-_REPLY_RE = re.compile(r"(\d{3})[ -]?(.*)")
+_REPLY_RE = re.compile(r"(\d{3})(?:[ -](.*))?")
 _RESULT_RE = re.compile(r"result=(\S*)(?:\s+\((.*)\))?(?:\s+endpos=(-?\d+))?")
 
 
@@ -86,7 +93,7 @@ def parse_reply(line: str) -> AgiReply:
     m = _REPLY_RE.fullmatch(text)
     if not m:
         return AgiReply(0, line=text)
-    code, rest = int(m.group(1)), m.group(2)
+    code, rest = int(m.group(1)), m.group(2) or ""
     r = _RESULT_RE.match(rest)
     if not r:
         return AgiReply(code, line=text)
@@ -127,12 +134,35 @@ def _check(reply: AgiReply) -> AgiReply:
     return reply
 
 
-def _stream(name: str) -> Generator[str, AgiReply, None]:
-    reply = yield f'STREAM FILE {_safe_name(name)} ""'
+KEYPAD = "0123456789*#ABCD"  # DTMF keys; GET DATA hands over any of them
+
+
+def _key(reply: AgiReply, keys: str) -> str:
+    """The key a STREAM FILE / SAY ALPHA / WAIT FOR DIGIT reply names: '' for none (result=0)."""
+    _check(reply)
+    if reply.result == "0":
+        return ""
+    if not reply.result.isdigit() or not 0 < int(reply.result) < 128 or chr(int(reply.result)) not in keys:
+        raise AgiProtocolError(f"no key in {reply.line!r}")
+    return chr(int(reply.result))
+
+
+def _escape(keys: str) -> str:
+    if any(k not in KEYPAD for k in keys):
+        raise AgiProtocolError(f"refusing escape digits {keys!r}")
+    return f'"{keys}"'
+
+
+def _stream(name: str, keys: str = "") -> Generator[str, AgiReply, str]:
+    """Play one sound; the escape digit that stopped it, if any."""
+    reply = yield f"STREAM FILE {_safe_name(name)} {_escape(keys)}"
     if reply.code == 200 and reply.result == "-1" and reply.endpos == 0:
         log.warning("event=sound_missing file=%s", name)
-        return
+        return ""
+    if keys:
+        return _key(reply, keys)
     _check(reply)
+    return ""
 
 
 def channel_steps(action: Action, env: dict[str, str], speech: SpeechLike | None) -> Steps:
@@ -145,11 +175,18 @@ def channel_steps(action: Action, env: dict[str, str], speech: SpeechLike | None
         return info
     if isinstance(action, Play):
         for p in action.prompts:
-            yield from _stream(p)
+            key = yield from _stream(p, action.keys)
+            if key:
+                return Done(key)
         return Done()
     if isinstance(action, Ask):
+        if action.first:
+            reply = yield from _rest_of(action)
+            return reply
         r = _check((yield f"GET DATA {_safe_name(action.prompt)} {int(action.timeout_ms)} {int(action.max_digits)}"))
         keys = r.result
+        if any(k not in KEYPAD for k in keys):
+            raise AgiProtocolError(f"GET DATA answered {r.line!r}")
         if not keys:
             return NoInput()
         return Digits(keys, timed_out=r.data == "timeout")
@@ -158,15 +195,35 @@ def channel_steps(action: Action, env: dict[str, str], speech: SpeechLike | None
         if speech is not None and speech.enabled:
             path = speech.render(speech.sentence(action.prefix, action.address))
         if path:
-            yield from _stream(path)
+            key = yield from _stream(path, action.keys)
         else:
-            yield from _stream(action.prefix)
-            _check((yield f"SAY ALPHA {_say_text(action.address)} \"\""))
-        return Done()
+            key = yield from _stream(action.prefix, action.keys)
+            if not key:
+                r = yield f"SAY ALPHA {_say_text(action.address)} {_escape(action.keys)}"
+                key = _key(r, action.keys) if action.keys else ""
+                _check(r)
+        return Done(key)
     if isinstance(action, Pause):
         yield from _pause(action.seconds)
         return Done()
     raise AgiProtocolError(f"not a channel action: {action!r}")
+
+
+def _rest_of(action: Ask) -> Generator[str, AgiReply, Reply]:
+    """The question whose first key came during the prompt before: the rest, key by key, as
+    GET DATA would (up to max digits, `#` ends, the timeout runs between keys), no prompt."""
+    got = action.first
+    if got.endswith("#"):
+        got = got[:-1]
+        return Digits(got) if got else NoInput()
+    while len(got) < action.max_digits:
+        key = _key((yield f"WAIT FOR DIGIT {int(action.timeout_ms)}"), KEYPAD)
+        if key == "":
+            return Digits(got, timed_out=True)
+        if key == "#":
+            return Digits(got)
+        got += key
+    return Digits(got)
 
 
 def _say_text(address: str) -> str:
@@ -200,7 +257,7 @@ def _pause(seconds: float) -> Generator[str, AgiReply, None]:
     left = int(seconds * 1000)
     while left > 0:
         started = time.monotonic()
-        r = _check((yield f"WAIT FOR DIGIT {min(left, 5000)}"))
+        r = _check((yield f"WAIT FOR DIGIT {min(left, 5000)}"))  # a key pressed now is dropped
         # result 0: the full wait passed; a digit: it ended early, count the real time
         left -= min(left, 5000) if r.result == "0" else int((time.monotonic() - started) * 1000) + 1
 
@@ -249,94 +306,206 @@ class SpeechHolder:
             self.speech = Speech(reply.tts, reply.tts_cache)
 
 
-def outcome_line(out: Outcome) -> str:
+def outcome_line(out: Outcome, why: str = "") -> str:
+    """One line for the logs; `why` (how the line ended) is escaped, as it may quote Asterisk."""
     return (f"tm4 dial-in: {out.status} tries={out.passcode_tries}"
-            + (f" entry={out.entry} address={out.address}" if out.entry else ""))
+            + (f" entry={out.entry} address={out.address}" if out.entry else "")
+            + (f" typed_ahead={out.typed_ahead}" if out.typed_ahead else "")
+            + (f" ({why.encode('unicode_escape').decode('ascii')})" if why else ""))
 
 
-# -- classic AGI (pyst2) --------------------------------------------------------------
+# -- reading Asterisk's replies (both transports) ----------------------------------------
 
-class _Recorder:
-    """stdin for pyst2 that remembers the last line, so endpos and (timeout) are not lost."""
+MAX_LINE = 65536  # longer than any reply tm4's commands get; longer is a protocol error
+MAX_EXTRA_LINES = 64  # "100 Trying" lines and a 520 usage block
 
-    def __init__(self, stream: IO[str]):
-        self.stream = stream
-        self.last = ""
 
-    def readline(self) -> str:
-        self.last = self.stream.readline()
-        return self.last
+class LineState:
+    """What a transport has learnt about the channel between commands."""
 
+    def __init__(self) -> None:
+        self.hangup_seen = False  # FastAGI's unsolicited HANGUP line, classic AGI's SIGHUP
+        self.ended = ""  # why the call ended on the AGI side (for the outcome line)
+
+
+def read_reply(state: LineState, dead_ok: bool = False) -> Generator[None, str, AgiReply]:
+    """The reply to one command from the lines sent in: skips HANGUP lines and "100 Trying",
+    swallows a 520 usage block; raises AgiHangup for a dead channel, AgiProtocolError for
+    anything that is not a reply."""
+    extra = 0
+
+    def more() -> Generator[None, str, str]:
+        nonlocal extra
+        while True:
+            line = yield
+            if line != "HANGUP":  # unsolicited, around the reply to the interrupted command
+                return line
+            state.hangup_seen = True
+            extra += 1
+            if extra > MAX_EXTRA_LINES:
+                raise AgiProtocolError("too many HANGUP lines")
+
+    reply = parse_reply((yield from more()))
+    while reply.code == 100:  # "100 result=0 Trying..."
+        extra += 1
+        if extra > MAX_EXTRA_LINES:
+            raise AgiProtocolError("too many interim replies")
+        reply = parse_reply((yield from more()))
+    if reply.code == 520 and reply.line.startswith("520-"):
+        while not (yield from more()).startswith("520 "):
+            extra += 1
+            if extra > MAX_EXTRA_LINES:
+                raise AgiProtocolError("a usage block that does not end")
+    if reply.code == 0:
+        raise AgiProtocolError(f"not an AGI reply: {reply.line[:200]!r}")
+    if reply.code == 511 or (state.hangup_seen and not dead_ok):
+        raise AgiHangup("dead channel")
+    if reply.code in (510, 520):
+        raise AgiProtocolError(f"Asterisk refused the command: {reply.line[:200]!r}")
+    return reply
+
+
+def decode_line(raw: bytes) -> str:
+    """One line as read (with its newline); end of input or a cut line is a hang-up."""
+    if not raw:
+        raise AgiHangup("end of input")
+    if not raw.endswith(b"\n"):
+        if len(raw) >= MAX_LINE:
+            raise AgiProtocolError(f"a line over {MAX_LINE} bytes")
+        raise AgiHangup("input ended inside a line")
+    return raw.decode("utf-8", "replace").rstrip("\r\n")
+
+
+def env_entry(text: str) -> tuple[str, str] | None:
+    """`agi_key: value` -> (key, value); None for anything else."""
+    key, sep, value = text.partition(":")
+    if not sep or not key.startswith("agi_"):
+        return None
+    return key.strip(), value[1:] if value.startswith(" ") else value
+
+
+MAX_ENV_LINES = 128
+
+
+# -- classic AGI ------------------------------------------------------------------------
 
 class ClassicTransport:
-    """pyst2's AGI: it reads the environment, installs the SIGHUP handler and sends commands."""
+    """AGI on stdin/stdout: reads the environment, notes SIGHUP, sends commands."""
 
-    def __init__(self, stdin: IO[str] | None = None, stdout: IO[str] | None = None):
-        from asterisk.agi import AGI
+    def __init__(self, stdin: IO[bytes] | None = None, stdout: IO[bytes] | None = None, *,
+                 sighup: bool = True):
+        self._in = stdin if stdin is not None else sys.stdin.buffer
+        self._out = stdout if stdout is not None else sys.stdout.buffer
+        self.state = LineState()
+        if sighup:
+            import signal
 
-        self._devnull = open(os.devnull, "w")  # noqa: SIM115 - pyst2 chatters on stderr
-        self._in = _Recorder(stdin or sys.stdin)
-        self.agi = AGI(stdin=self._in, stdout=stdout or sys.stdout, stderr=self._devnull)
-        self.env: dict[str, str] = dict(self.agi.env)
+            signal.signal(signal.SIGHUP, self._on_sighup)
+        self.env = self._read_env()
 
-    def command(self, text: str) -> AgiReply:
-        from asterisk import agi as pyst
+    def _on_sighup(self, signum: int, frame: Any) -> None:
+        self.state.hangup_seen = True
 
+    def _line(self) -> str:
         try:
-            self.agi.execute(text)
-        except pyst.AGIHangup as exc:  # SIGHUP, SIGPIPE, (hangup) data
-            raise AgiHangup(str(exc)) from None
-        except pyst.AGIAppError:  # result=-1: a hang-up, or a missing sound file
-            return parse_reply(self._in.last)
-        except pyst.AGIUnknownError as exc:  # 511 on a dead channel, or end of input
-            raise AgiHangup(f"dead channel: {exc}") from None
-        except (pyst.AGIUsageError, pyst.AGIInvalidCommand) as exc:
-            raise AgiProtocolError(f"Asterisk refused {text!r}: {exc}") from None
-        except OSError as exc:
+            raw = self._in.readline(MAX_LINE)
+        except (OSError, ValueError) as exc:
+            raise AgiHangup(f"AGI input closed: {exc}") from None
+        return decode_line(raw)
+
+    def _read_env(self) -> dict[str, str]:
+        env: dict[str, str] = {}
+        for _ in range(MAX_ENV_LINES):
+            text = self._line()
+            if text == "":
+                return env
+            entry = env_entry(text)
+            if entry is None:
+                raise AgiProtocolError(f"not an AGI environment line: {text[:200]!r}")
+            env[entry[0]] = entry[1]
+        raise AgiProtocolError("the AGI environment does not end")
+
+    def command(self, text: str, dead_ok: bool = False) -> AgiReply:
+        if self.state.hangup_seen and not dead_ok:
+            raise AgiHangup("SIGHUP: the caller hung up")
+        try:
+            self._out.write(text.encode() + b"\n")
+            self._out.flush()
+        except (OSError, ValueError) as exc:  # broken pipe: Asterisk is gone
             raise AgiHangup(f"AGI pipe closed: {exc}") from None
-        return parse_reply(self._in.last)
+        return run(read_reply(self.state, dead_ok), lambda _: self._line())
 
     def close(self) -> None:
-        self._devnull.close()
+        pass
 
 
-def pump(steps: Steps, command: Callable[[str], AgiReply]) -> Reply:
+def pump(steps: Steps, command: Callable[[str], AgiReply], state: LineState | None = None) -> Reply:
     try:
         return run(steps, command)
-    except AgiHangup:
+    except AgiHangup as exc:
+        if state is not None:
+            state.ended = state.ended or str(exc)
         return HungUp()
-    except AgiProtocolError as exc:  # a bug: end the call rather than talk out of step
-        log.error("event=agi_protocol_error reason=%s", exc)
+    except AgiProtocolError as exc:  # end the call rather than talk out of step
+        log.warning("event=agi_protocol_error reason=%r", str(exc))
+        if state is not None:
+            state.ended = state.ended or f"protocol error: {exc}"
         return HungUp()
 
 
-def drive(conv: Conversation, transport: ClassicTransport, backend: Any) -> Outcome:
-    """Run a whole call over a synchronous transport."""
+def drive(conv: Conversation, transport: Any, backend: Any) -> Outcome:
+    """Run a whole call over a synchronous transport (command(text[, dead_ok]) -> AgiReply)."""
     speech = SpeechHolder()
+    state: LineState | None = getattr(transport, "state", None)
 
     def perform(action: Action) -> Reply:
         if is_backend(action):
             reply = guarded(backend_call(backend, action))
             speech.update(reply)
             return reply
-        return pump(channel_steps(action, transport.env, speech.speech), transport.command)
+        return pump(channel_steps(action, transport.env, speech.speech), transport.command, state)
 
     out = run(conv, perform)
     with contextlib.suppress(Tm4Error):
-        transport.command(f"VERBOSE {quote(outcome_line(out))} 1")
+        if state is not None:
+            transport.command(f"VERBOSE {quote(outcome_line(out))} 1", dead_ok=True)
+        else:
+            transport.command(f"VERBOSE {quote(outcome_line(out))} 1")
     return out
 
 
+def _stderr_log() -> None:
+    """One line per event on stderr, which a classic AGI shares with Asterisk."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("tm4-dialin.agi[%(process)d]: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
 def main_classic(argv: list[str] | None = None) -> int:
-    """agi-bin/tm4-dialin.agi: AGI(tm4-dialin.agi[,/run/tm4/tm4.sock])."""
+    """agi-bin/tm4-dialin.agi: AGI(tm4-dialin.agi[,/run/tm4/tm4.sock]).
+
+    A hang-up, end of input or anything Asterisk sends that is not AGI ends the call
+    cleanly (exit 0) with one line on stderr; 1 only when the grant itself failed."""
+    _stderr_log()
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        transport = ClassicTransport()
+    except (AgiHangup, AgiProtocolError) as exc:
+        log.info("tm4 dial-in: hangup tries=0 (%s)", str(exc).encode("unicode_escape").decode("ascii"))
+        return 0
     from tm4.dialin.client import LazyBackend, connect
 
-    args = list(sys.argv[1:] if argv is None else argv)
-    transport = ClassicTransport()
     socket_path = args[0] if args else transport.env.get("agi_arg_1", "")
     backend = LazyBackend(lambda: connect(socket_path))
     try:
         out = drive(conversation(), transport, backend)
+    except Exception as exc:  # a bug: still one line, and the call ends
+        log.error("tm4 dial-in: error (internal: %r)", exc)
+        return 1
     finally:
         transport.close()
+    log.info("%s", outcome_line(out, transport.state.ended))
     return 0 if out.status != "error" else 1

@@ -10,6 +10,12 @@ direct SIP endpoints) / 2: enter an address (3 tries) -> read back -> 1 confirm
 / 2 re-enter -> grant (live in the kernel before "access granted") -> the
 server's own address -> goodbye. A hang-up ends it at once, wherever it comes.
 No prompt tells which part of a refused try was wrong.
+
+Keys typed ahead: Asterisk drops a key pressed while a prompt plays without
+escape digits (tests/fixtures/dialin/real2/). So every prompt that comes right
+before a question listens for that question's keys; the first key pressed stops
+it and is carried into the question (Ask.first), which then asks for the rest
+without replaying its prompt. The penalty wait (Pause) listens to nothing.
 """
 
 from __future__ import annotations
@@ -70,9 +76,14 @@ class Identify:
     """Find out who calls and over what (reply: CallInfo)."""
 
 
+ENTRY_KEYS = "0123456789*#"  # what a passcode or an address is typed with
+CHOICE_KEYS = "12"  # the menu and the confirmation
+
+
 @dataclass(frozen=True)
 class Play:
     prompts: tuple[str, ...]
+    keys: str = ""  # escape digits: the first one pressed stops the prompts (reply Done(key))
 
 
 @dataclass(frozen=True)
@@ -80,12 +91,14 @@ class Ask:
     prompt: str
     max_digits: int
     timeout_ms: int
+    first: str = ""  # a key already typed during the prompt before: the prompt is not played
 
 
 @dataclass(frozen=True)
 class SayAddress:
     prefix: str  # a prompt ("you entered"), then the address symbol by symbol
     address: str
+    keys: str = ""  # escape digits, as for Play
 
 
 @dataclass(frozen=True)
@@ -125,7 +138,7 @@ Action = (Answer | Identify | Play | Ask | SayAddress | Pause | Verify | CheckAd
 
 @dataclass(frozen=True)
 class Done:
-    pass
+    key: str = ""  # the escape digit that stopped a Play or SayAddress
 
 
 @dataclass(frozen=True)
@@ -193,6 +206,7 @@ class Outcome:
     address: str = ""
     entry: str = ""
     passcode_tries: int = 0
+    typed_ahead: int = 0  # keys that stopped a prompt and were carried into the next question
     heard: list[str] = field(default_factory=list)  # prompts played, in order
 
 
@@ -203,35 +217,44 @@ class _Ended(Exception):
     """The caller hung up."""
 
 
+class _Call:
+    """The outcome so far, and the key typed ahead during the last prompt (if it listened)."""
+
+    def __init__(self) -> None:
+        self.out = Outcome()
+        self.ahead = ""
+
+
 def conversation(settings: Settings | None = None) -> Conversation:
     s = settings or Settings()
-    out = Outcome()
+    c = _Call()
+    out = c.out
     try:
-        yield from _do(Answer(), out)
-        call = yield from _do(Identify(), out)
+        yield from _do(Answer(), c)
+        call = yield from _do(Identify(), c)
         if not isinstance(call, CallInfo):
             call = CallInfo()
-        session = yield from _passcode(call, s, out)
+        session = yield from _passcode(call, s, c)
         if session is None:
-            yield from _play(out, GOODBYE)
+            yield from _play(c, GOODBYE)
             return out
         out.owner_verified = True
-        address = yield from _address(session, s, out)
+        address = yield from _address(session, s, c)
         if address is None:
             out.status = "no-address"
-            yield from _play(out, GOODBYE)
+            yield from _play(c, GOODBYE)
             return out
-        granted = yield from _do(Grant(session.token, address, call.callerid), out)
+        granted = yield from _do(Grant(session.token, address, call.callerid), c)
         if not isinstance(granted, Granted):
             out.status = "error"
-            yield from _play(out, GRANT_FAILED, GOODBYE)
+            yield from _play(c, GRANT_FAILED, GOODBYE)
             return out
         out.status, out.address, out.entry = "granted", granted.address, granted.name
-        yield from _play(out, ACCESS_GRANTED)
-        found = yield from _do(ExternalAddress(), out)
+        yield from _play(c, ACCESS_GRANTED)
+        found = yield from _do(ExternalAddress(), c)
         if isinstance(found, Found) and found.address:
-            yield from _do(SayAddress(SERVER_ADDRESS, found.address), out)
-        yield from _play(out, GOODBYE)
+            yield from _do(SayAddress(SERVER_ADDRESS, found.address), c)
+        yield from _play(c, GOODBYE)
         return out
     except _Ended:
         if out.status != "granted":
@@ -239,69 +262,87 @@ def conversation(settings: Settings | None = None) -> Conversation:
         return out
 
 
-def _do(action: Action, out: Outcome) -> Generator[Action, Reply, Reply]:
+def _do(action: Action, c: _Call) -> Generator[Action, Reply, Reply]:
     reply = yield action
     if isinstance(reply, HungUp):
         raise _Ended
+    out = c.out
+    c.ahead = ""  # a key carries over only from the action right before the question
+    if isinstance(action, Play | SayAddress):
+        key = reply.key if isinstance(reply, Done) else ""
+        if key and len(key) == 1 and key in action.keys:
+            c.ahead = key
+            out.typed_ahead += 1
     if isinstance(action, Play):
         out.heard.extend(action.prompts)
     elif isinstance(action, Ask):
-        out.heard.append(action.prompt)
+        if not action.first:
+            out.heard.append(action.prompt)
     elif isinstance(action, SayAddress):
         out.heard.append(action.prefix)
     return reply
 
 
-def _play(out: Outcome, *prompts: str) -> Generator[Action, Reply, None]:
-    yield from _do(Play(tuple(prompts)), out)
+def _play(c: _Call, *prompts: str, keys: str = "") -> Generator[Action, Reply, None]:
+    """Prompts; with `keys`, the next question may find a key typed ahead (c.ahead)."""
+    yield from _do(Play(tuple(prompts), keys), c)
 
 
-def _ask(out: Outcome, prompt: str, max_digits: int, timeout_ms: int) -> Generator[Action, Reply, str]:
-    reply = yield from _do(Ask(prompt, max_digits, timeout_ms), out)
+def _ask(c: _Call, prompt: str, max_digits: int, timeout_ms: int) -> Generator[Action, Reply, str]:
+    reply = yield from _do(Ask(prompt, max_digits, timeout_ms, first=c.ahead), c)
     return reply.text if isinstance(reply, Digits) else ""
 
 
-def _passcode(call: CallInfo, s: Settings, out: Outcome) -> Generator[Action, Reply, Session | None]:
+def _listen(last: bool, keys: str) -> str:
+    """The keys a prompt listens for: those of the question after it, none if goodbye follows."""
+    return "" if last else keys
+
+
+def _passcode(call: CallInfo, s: Settings, c: _Call) -> Generator[Action, Reply, Session | None]:
+    out = c.out
     out.status = "rejected"
-    for _ in range(s.tries):
+    for i in range(s.tries):
         out.passcode_tries += 1
-        digits = yield from _ask(out, ENTER_PASSCODE, s.passcode_digits, s.timeout_ms)
+        again = _listen(i == s.tries - 1, ENTRY_KEYS)
+        digits = yield from _ask(c, ENTER_PASSCODE, s.passcode_digits, s.timeout_ms)
         if not digits:
-            yield from _play(out, NOT_ACCEPTED)
+            yield from _play(c, NOT_ACCEPTED, keys=again)
             continue
-        verdict = yield from _do(Verify(digits, call), out)
+        verdict = yield from _do(Verify(digits, call), c)
         if not isinstance(verdict, Session):
             out.status = "unavailable"
-            yield from _play(out, UNAVAILABLE)
+            yield from _play(c, UNAVAILABLE)
             return None
         if verdict.delay > 0:
-            yield from _do(Pause(verdict.delay), out)
+            yield from _do(Pause(verdict.delay), c)
         if verdict.ok:
             out.status = "verified"
             return verdict
-        yield from _play(out, NOT_ACCEPTED)
+        yield from _play(c, NOT_ACCEPTED, keys=again)
     return None
 
 
-def _address(session: Session, s: Settings, out: Outcome) -> Generator[Action, Reply, str | None]:
-    for _ in range(s.tries):
+def _address(session: Session, s: Settings, c: _Call) -> Generator[Action, Reply, str | None]:
+    next_keys = CHOICE_KEYS if session.own_address else ENTRY_KEYS  # what each round starts with
+    for i in range(s.tries):
+        again = _listen(i == s.tries - 1, next_keys)
         if session.own_address:
-            choice = yield from _ask(out, MENU, 1, s.timeout_ms)
+            choice = yield from _ask(c, MENU, 1, s.timeout_ms)
             if choice == "1":
                 candidate, prefix = session.own_address, YOUR_ADDRESS
             elif choice == "2":
-                candidate = yield from _typed(session, s, out)
+                candidate = yield from _typed(session, s, c, again)
                 prefix = YOU_ENTERED
             else:
-                yield from _play(out, INVALID_CHOICE)
+                yield from _play(c, INVALID_CHOICE, keys=again)
                 continue
         else:
-            candidate = yield from _typed(session, s, out)
+            candidate = yield from _typed(session, s, c, again)
             prefix = YOU_ENTERED
         if candidate is None:
             continue
-        yield from _do(SayAddress(prefix, candidate), out)
-        confirmed = yield from _confirm(s, out)
+        yield from _do(SayAddress(prefix, candidate, CHOICE_KEYS), c)
+        confirmed = yield from _confirm(s, c)
         if confirmed is None:
             return None
         if confirmed:
@@ -309,37 +350,37 @@ def _address(session: Session, s: Settings, out: Outcome) -> Generator[Action, R
     return None
 
 
-def _typed(session: Session, s: Settings, out: Outcome) -> Generator[Action, Reply, str | None]:
+def _typed(session: Session, s: Settings, c: _Call, again: str) -> Generator[Action, Reply, str | None]:
     """One address typed on the keypad, checked; None (after saying why) if refused."""
-    keys = yield from _ask(out, ENTER_ADDRESS, s.address_digits, s.timeout_ms)
+    keys = yield from _ask(c, ENTER_ADDRESS, s.address_digits, s.timeout_ms)
     try:
         addr = parse_keys_checked(keys)  # syntax and address classes; the server checks the rest
     except DtmfError as exc:
-        yield from _play(out, *address_prompts(exc.reason))
+        yield from _play(c, *address_prompts(exc.reason), keys=again)
         return None
-    checked = yield from _do(CheckAddress(session.token, str(addr)), out)
+    checked = yield from _do(CheckAddress(session.token, str(addr)), c)
     if not isinstance(checked, Checked):
-        yield from _play(out, UNAVAILABLE)
+        yield from _play(c, UNAVAILABLE, keys=again)
         return None
     if not checked.ok:
         try:
             prompts = address_prompts(checked.reason)
         except ValueError:
             prompts = address_prompts(Reason.FORBIDDEN)
-        yield from _play(out, *prompts)
+        yield from _play(c, *prompts, keys=again)
         return None
     return str(addr)
 
 
-def _confirm(s: Settings, out: Outcome) -> Generator[Action, Reply, bool | None]:
+def _confirm(s: Settings, c: _Call) -> Generator[Action, Reply, bool | None]:
     """True: 1 (confirm); False: 2 (enter again); None: no answer after all tries."""
-    for _ in range(s.tries):
-        choice = yield from _ask(out, CONFIRM, 1, s.timeout_ms)
+    for i in range(s.tries):
+        choice = yield from _ask(c, CONFIRM, 1, s.timeout_ms)
         if choice == "1":
             return True
         if choice == "2":
             return False
-        yield from _play(out, INVALID_CHOICE)
+        yield from _play(c, INVALID_CHOICE, keys=_listen(i == s.tries - 1, CHOICE_KEYS))
     return None
 
 

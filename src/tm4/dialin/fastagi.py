@@ -37,18 +37,22 @@ from panoramisk.fast_agi import Application, Request
 
 from tm4.core.errors import Tm4Error
 from tm4.dialin.agi import (
+    MAX_ENV_LINES,
     AgiHangup,
     AgiProtocolError,
     AgiReply,
+    LineState,
     SpeechHolder,
     Steps,
     backend_call,
     channel_steps,
+    decode_line,
+    env_entry,
     guarded,
     is_backend,
     outcome_line,
-    parse_reply,
     quote,
+    read_reply,
 )
 from tm4.dialin.call import Conversation, HungUp, Outcome, Reply, Settings, conversation
 from tm4.ops.lockout import decode_proc_addr
@@ -117,7 +121,7 @@ def _norm(host: str) -> str:
     return str(a)
 
 
-async def read_env(reader: asyncio.StreamReader, max_lines: int = 128) -> dict[str, str] | None:
+async def read_env(reader: asyncio.StreamReader, max_lines: int = MAX_ENV_LINES) -> dict[str, str] | None:
     """The agi_* block up to its blank line; None if the peer closed or sent junk first."""
     env: dict[str, str] = {}
     for _ in range(max_lines):
@@ -130,10 +134,10 @@ async def read_env(reader: asyncio.StreamReader, max_lines: int = 128) -> dict[s
         text = line.decode("utf-8", "replace").rstrip("\r\n")
         if text == "":
             return env
-        key, sep, value = text.partition(":")
-        if not sep or not key.startswith("agi_"):
+        entry = env_entry(text)
+        if entry is None:
             return None
-        env[key.strip()] = value[1:] if value.startswith(" ") else value
+        env[entry[0]] = entry[1]
     return None
 
 
@@ -146,40 +150,34 @@ class FastAgiTransport:
         self.writer = writer
         self.env = env
         self.reply_timeout = reply_timeout
-        self.hangup_seen = False
+        self.state = LineState()
+
+    @property
+    def hangup_seen(self) -> bool:
+        return self.state.hangup_seen
 
     async def _line(self) -> str:
         try:
             raw = await asyncio.wait_for(self.reader.readline(), self.reply_timeout)
-        except (TimeoutError, ConnectionError, ValueError) as exc:
+        except (TimeoutError, ConnectionError, ValueError) as exc:  # ValueError: over the limit
             raise AgiHangup(f"no reply from Asterisk: {exc!r}") from None
-        if not raw.endswith(b"\n"):
-            raise AgiHangup("Asterisk closed the connection")
-        return raw.decode("utf-8", "replace").rstrip("\r\n")
+        return decode_line(raw)
 
-    async def command(self, text: str) -> AgiReply:
-        if self.hangup_seen:
+    async def command(self, text: str, dead_ok: bool = False) -> AgiReply:
+        if self.state.hangup_seen and not dead_ok:
             raise AgiHangup("the caller hung up")
         try:
             self.writer.write(text.encode() + b"\n")
             await self.writer.drain()
-        except ConnectionError as exc:
+        except (ConnectionError, RuntimeError) as exc:  # RuntimeError: the transport is closing
             raise AgiHangup(f"connection lost: {exc}") from None
-        line = await self._line()
-        while line == "HANGUP":  # unsolicited; the reply to this command follows
-            self.hangup_seen = True
-            line = await self._line()
-        reply = parse_reply(line)
-        while reply.code == 100:  # "100 result=0 Trying..."
-            reply = parse_reply(await self._line())
-        if reply.code == 520 and reply.line.startswith("520-"):
-            while not (await self._line()).startswith("520 "):
-                pass
-        if reply.code == 511 or self.hangup_seen:
-            raise AgiHangup("dead channel")
-        if reply.code in (510, 520) or reply.code == 0:
-            raise AgiProtocolError(f"Asterisk refused {text!r}: {reply.line!r}")
-        return reply
+        steps = read_reply(self.state, dead_ok)
+        try:
+            next(steps)
+            while True:
+                steps.send(await self._line())
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
 
 
 async def pump(steps: Steps, transport: FastAgiTransport) -> Reply:
@@ -189,10 +187,12 @@ async def pump(steps: Steps, transport: FastAgiTransport) -> Reply:
             cmd = steps.send(await transport.command(cmd))
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
-    except AgiHangup:
+    except AgiHangup as exc:
+        transport.state.ended = transport.state.ended or str(exc)
         return HungUp()
     except AgiProtocolError as exc:
-        log.error("event=agi_protocol_error reason=%s", exc)
+        log.warning("event=agi_protocol_error reason=%r", str(exc))
+        transport.state.ended = transport.state.ended or f"protocol error: {exc}"
         return HungUp()
 
 
@@ -291,7 +291,7 @@ class DialinFastAGI(Application):  # type: ignore[misc]
                                      self.reply_timeout)
         out = await drive(conversation(self.settings), transport, self.backend, self.offload)
         self.outcomes = (self.outcomes + [out])[-50:]
-        log.info("event=dialin_call %s", outcome_line(out))
+        log.info("event=dialin_call %s", outcome_line(out, transport.state.ended))
 
     async def close(self) -> None:
         if self.server is not None:
