@@ -54,6 +54,7 @@ class GuardConfig:
     promote: bool = False
     promote_ttl: str = "1h"
     ipv6_prefix: int = 64
+    max_sources: int = 50_000  # sources remembered at once; the furthest from a ban go first
 
 
 @dataclass

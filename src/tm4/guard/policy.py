@@ -22,15 +22,23 @@ Rules:
 - Whitelisted sources, loopback and the server's own addresses are never banned.
 - Opt-in `promote`: a password-authenticated SIP success grants the source a
   short SIP grant, revoked at its next failure.
+
+Memory is bounded per source (the last `failures` attempts, the last `challenges`
+challenges, a few hundred hashed duplicate marks) and in total (`max_sources`).
+When the cap is reached, an idle source is forgotten first, else the oldest
+source among those with the fewest attempts in the window: a flood of
+one-shot sources (an IPv6 /48 gives billions) pushes out its own kind, never a
+source one failure short of its ban. Each event costs O(1) in the number of
+sources (O(failures) at worst to find the lowest non-empty level).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
 
@@ -46,6 +54,9 @@ SUPPRESS_AFTER_BAN = 5.0
 # A protected source is not re-checked for this long (a flood naming it costs nothing).
 EXEMPT_FOR = 10.0
 PROMOTE_SERVICES = frozenset({"PJSIP", "SIP", "IAX2"})
+# Duplicate marks kept per source (each a hash and a time: a flood of distinct proofs
+# from one source costs at most this many).
+MAX_MARKS = 256
 # Events that Asterisk raises for each request of one digest exchange.
 PRE_AUTH = frozenset({EventType.INVALID_ACCOUNT_ID, EventType.FAILED_ACL})
 
@@ -105,23 +116,32 @@ class RevokeDecision:
 Decision = BanDecision | PromoteDecision | RevokeDecision
 
 
-@dataclass
 class _Attempt:
-    time: float
-    type: EventType
-    address: IPAddress
+    __slots__ = ("time", "type", "address")
+
+    def __init__(self, time: float, type: EventType, address: IPAddress) -> None:  # noqa: A002
+        self.time = time
+        self.type = type
+        self.address = address
 
 
-@dataclass
 class _Source:
-    """What the guard remembers about one source (an IPv4 address or an IPv6 prefix)."""
+    """What the guard remembers about one source (an IPv4 address or an IPv6 prefix).
 
-    last: float = 0.0
-    attempts: deque[_Attempt] = field(default_factory=deque)
-    challenges: deque[tuple[float, str, IPAddress]] = field(default_factory=deque)
-    seen: dict[tuple[str, ...], float] = field(default_factory=dict)
-    merge: dict[str, float] = field(default_factory=dict)  # session -> counted pre-auth failure
-    suppressed_until: float = 0.0
+    Slots and lazily made containers: a source seen once costs a few hundred bytes."""
+
+    __slots__ = ("key", "last", "level", "attempts", "challenges", "marks", "suppressed_until")
+
+    def __init__(self, key: int) -> None:
+        self.key = key
+        self.last = 0.0
+        self.level = 0  # its bucket in Guard._levels: how close to a ban it is
+        self.attempts: list[_Attempt] = []  # oldest first, at most `failures`
+        self.challenges: list[tuple[float, str, IPAddress]] | None = None  # at most `challenges`
+        # Hashes of duplicate keys ("p"/"n" tuples) and of merged sessions (("m", session))
+        # -> when first seen: one small dict for both.
+        self.marks: dict[int, float] | None = None
+        self.suppressed_until = 0.0
 
 
 @dataclass
@@ -151,7 +171,7 @@ class Guard:
         protected: Protected = _nothing_protected,
         offences: Offences = _no_offences,
         clock: Callable[[], float] = time.monotonic,
-        max_sources: int = 100_000,
+        max_sources: int | None = None,
     ) -> None:
         self.failures = cfg.failures
         self.window = parse_duration(cfg.window).total_seconds()
@@ -170,8 +190,17 @@ class Guard:
         self._protected = protected
         self._offences = offences
         self.clock = clock
-        self.max_sources = max_sources
-        self._sources: OrderedDict[tuple[int, int], _Source] = OrderedDict()
+        self.max_sources = cfg.max_sources if max_sources is None else max_sources
+        if self.max_sources < 1:
+            from tm4.core.errors import ConfigError
+
+            raise ConfigError("guard.max_sources must be at least 1")
+        self._sources: dict[int, _Source] = {}
+        # The same sources by level (attempts in the window, challenges scaled to the same
+        # range), each least recently seen first: eviction takes the lowest level's oldest.
+        # OrderedDicts: moving to the end and taking the first are O(1) (a plain dict
+        # leaves holes at its front that every look at the first item walks over).
+        self._levels: list[OrderedDict[int, _Source]] = [OrderedDict() for _ in range(max(1, self.failures))]
         self._exempt: dict[IPAddress, float] = {}
         self._promoted: dict[IPAddress, tuple[str, float]] = {}  # address -> (entry name, until)
         self.stats = GuardStats()
@@ -215,7 +244,7 @@ class Guard:
             if self._seen(src, key, t, self.window):
                 self.stats.duplicates += 1
                 return out
-            merged_at = src.merge.pop(session, None) if session else None
+            merged_at = src.marks.pop(hash(("m", session)), None) if session and src.marks else None
             if merged_at is not None and t - merged_at < RETRY_WINDOW:
                 self.stats.duplicates += 1  # the retry of an attempt already counted
                 return out
@@ -225,19 +254,16 @@ class Guard:
                 self.stats.duplicates += 1
                 return out
             if ev.type in PRE_AUTH:
-                src.merge[session] = t
-                if len(src.merge) > 64:
-                    self._prune_merge(src, t)
+                self._mark(src, hash(("m", session)), t)
         self.stats.attempts += 1
         attempts = src.attempts
         attempts.append(_Attempt(t, ev.type, addr))
-        horizon = t - self.window
-        while attempts and attempts[0].time <= horizon:
-            attempts.popleft()
+        _trim(attempts, t - self.window, self.failures)
         if len(attempts) >= self.failures:
             ban = self._decide_ban(src, ev, addr, t, "failures")
             if ban is not None:
                 out.append(ban)
+        self._relevel(src)
         return out
 
     def _challenge(self, ev: SecurityEvent, addr: IPAddress, t: float) -> list[Decision]:
@@ -248,20 +274,24 @@ class Guard:
         if t < src.suppressed_until:
             return []
         pending = src.challenges
+        if pending is None:
+            pending = src.challenges = []
         pending.append((t, ev.session, addr))
-        horizon = t - self.window
-        while pending and pending[0][0] <= horizon:
-            pending.popleft()
+        _trim(pending, t - self.window, self.challenges)
+        out: list[Decision] = []
         if len(pending) >= self.challenges:
             ban = self._decide_ban(src, ev, addr, t, "challenges")
-            return [ban] if ban is not None else []
-        return []
+            if ban is not None:
+                out.append(ban)
+        self._relevel(src)
+        return out
 
     def _success(self, ev: SecurityEvent, addr: IPAddress, t: float) -> list[Decision]:
         key = self._key(addr)
         src = self._sources.get(key)
         if src is not None:
             self._answer(src, ev.session)
+            self._relevel(src)
         if not (self.promote and ev.using_password and ev.service in PROMOTE_SERVICES):
             return []
         if src is not None and src.attempts and src.attempts[-1].time > t - self.window:
@@ -279,8 +309,8 @@ class Guard:
     # -- decisions -----------------------------------------------------------------
     def _decide_ban(self, src: _Source, ev: SecurityEvent, addr: IPAddress, t: float,
                     rule: str) -> BanDecision | None:
-        items: deque[_Attempt] | deque[tuple[float, str, IPAddress]]
-        items = src.attempts if rule == "failures" else src.challenges
+        items: list[_Attempt] | list[tuple[float, str, IPAddress]]
+        items = src.attempts if rule == "failures" else (src.challenges or [])
         # Drop what protected addresses contributed (checked once per EXEMPT_FOR).
         for a in {_addr_of(i) for i in items}:
             if self._protected(_host_net(a)):
@@ -314,8 +344,7 @@ class Guard:
             reason += f", account {ev.account}"
         reason += f", offence {prior + 1}"
         src.attempts.clear()
-        src.challenges.clear()
-        src.merge.clear()
+        src.challenges = None
         src.suppressed_until = t + SUPPRESS_AFTER_BAN
         self.stats.bans += 1
         return BanDecision(network, trigger, ttl, prior + 1, ev.type, count, rule, ev.service, reason)
@@ -332,36 +361,70 @@ class Guard:
         return None
 
     # -- state ---------------------------------------------------------------------
-    def _key(self, addr: IPAddress) -> tuple[int, int]:
+    def _key(self, addr: IPAddress) -> int:
         if addr.version == 4:
-            return 4, int(addr)
-        return 6, int(addr) & self._v6_mask
+            return int(addr)
+        return (1 << 128) | (int(addr) & self._v6_mask)  # never equal to an IPv4 key
 
     def _source(self, addr: IPAddress, t: float) -> _Source:
         key = self._key(addr)
-        sources = self._sources
-        src = sources.get(key)
+        src = self._sources.get(key)
         if src is None:
-            src = sources[key] = _Source()
-            if len(sources) > self.max_sources:
-                self.sweep(t)
+            if len(self._sources) >= self.max_sources:
+                self._evict(t)
+            src = self._sources[key] = _Source(key)
+            self._levels[0][key] = src
         else:
-            sources.move_to_end(key)
+            self._levels[src.level].move_to_end(key)
         src.last = t
         return src
+
+    def _relevel(self, src: _Source) -> None:
+        """Move `src` to the bucket of its current distance to a ban (after it changed)."""
+        level = len(src.attempts)
+        if src.challenges:
+            level = max(level, len(src.challenges) * self.failures // max(1, self.challenges))
+        level = min(level, len(self._levels) - 1)
+        if level != src.level:
+            del self._levels[src.level][src.key]
+            self._levels[level][src.key] = src
+            src.level = level
+
+    def _drop(self, src: _Source) -> None:
+        del self._sources[src.key]
+        del self._levels[src.level][src.key]
+
+    def _evict(self, t: float) -> None:
+        """Forget one source to make room: an idle one if a level's least recent is
+        idle, else the least recent of the lowest level (the furthest from a ban)."""
+        idle = t - self.window - SUPPRESS_AFTER_BAN
+        lowest: _Source | None = None
+        for bucket in self._levels:
+            if bucket:
+                first = next(iter(bucket.values()))
+                if first.last <= idle:
+                    self._drop(first)
+                    return
+                if lowest is None:
+                    lowest = first
+        if lowest is not None:
+            self._drop(lowest)
 
     def sweep(self, now: float | None = None) -> int:
         """Forget sources idle for longer than the window (oldest first); keep at most
         `max_sources`. Returns how many were forgotten."""
         t = self.clock() if now is None else now
         idle = t - self.window - SUPPRESS_AFTER_BAN
-        sources = self._sources
         n = 0
-        while sources:
-            key, src = next(iter(sources.items()))
-            if src.last > idle and len(sources) <= self.max_sources:
-                break
-            del sources[key]
+        for bucket in self._levels:
+            while bucket:
+                src = next(iter(bucket.values()))
+                if src.last > idle:
+                    break
+                self._drop(src)
+                n += 1
+        while len(self._sources) > self.max_sources:
+            self._evict(t)
             n += 1
         for a in [a for a, until in self._exempt.items() if until <= t]:
             del self._exempt[a]
@@ -381,28 +444,35 @@ class Guard:
     @staticmethod
     def _answer(src: _Source, session: str) -> None:
         """A response of `session` answers its oldest pending challenge."""
-        if not session:
+        if not session or not src.challenges:
             return
         for i, item in enumerate(src.challenges):
             if item[1] == session:
                 del src.challenges[i]
                 return
 
-    @staticmethod
-    def _seen(src: _Source, key: tuple[str, ...], t: float, horizon: float) -> bool:
-        first = src.seen.get(key)
+    def _seen(self, src: _Source, key: tuple[str, ...], t: float, horizon: float) -> bool:
+        """Whether `key` was seen from `src` within `horizon` seconds; remember it if not.
+
+        Keys are kept as their hash (a 64-bit SipHash keyed per process: an attacker
+        cannot aim a collision), never the session and proof strings themselves."""
+        h = hash(key)
+        first = src.marks.get(h) if src.marks else None
         if first is not None and t - first < horizon:
             return True
-        src.seen[key] = t
-        if len(src.seen) > 256:
-            src.seen = {k: v for k, v in src.seen.items() if t - v < RETRY_WINDOW * 2 or k[0] == "p"}
-            if len(src.seen) > 256:  # a flood of distinct proofs: keep the newest
-                src.seen = dict(list(src.seen.items())[-128:])
+        self._mark(src, h, t)
         return False
 
-    @staticmethod
-    def _prune_merge(src: _Source, t: float) -> None:
-        src.merge = {k: v for k, v in src.merge.items() if t - v < RETRY_WINDOW}
+    def _mark(self, src: _Source, h: int, t: float) -> None:
+        marks = src.marks
+        if marks is None:
+            marks = src.marks = {}
+        marks[h] = t
+        if len(marks) > MAX_MARKS:
+            # Proof marks live for the window, the others for a retry: drop what is older.
+            marks = src.marks = {k: v for k, v in marks.items() if t - v < self.window}
+            if len(marks) > MAX_MARKS:  # a flood of distinct proofs: keep the newest
+                src.marks = dict(list(marks.items())[-MAX_MARKS // 2:])
 
     # -- what the runtime tells the policy ---------------------------------------------
     def remember_promoted(self, address: IPAddress, name: str, remaining: float,
@@ -422,6 +492,22 @@ class Guard:
 def promote_name(addr: IPAddress) -> str:
     """The entry name of a promoted source: guard-203.0.113.9, guard-2001-db8--5."""
     return "guard-" + str(addr).replace(":", "-")
+
+
+def _trim(items: list, horizon: float, keep: int) -> None:  # type: ignore[type-arg]
+    """Drop items at or before `horizon` (oldest first), and keep at most `keep`: only
+    the newest `keep` can ever reach a threshold of `keep`."""
+    drop = 0
+    n = len(items)
+    while drop < n and _time_of(items[drop]) <= horizon:
+        drop += 1
+    drop = max(drop, n - max(1, keep))
+    if drop:
+        del items[:drop]
+
+
+def _time_of(item: _Attempt | tuple[float, str, IPAddress]) -> float:
+    return item.time if isinstance(item, _Attempt) else item[0]
 
 
 def _addr_of(item: _Attempt | tuple[float, str, IPAddress]) -> IPAddress:
