@@ -13,8 +13,13 @@ does instead:
   `ping_timeout`, else the connection is aborted and re-opened.
 - Reconnects: it retries every 2 s for ever, and each retry with a bad secret is
   itself an InvalidPassword security event. Here connection failures back off
-  from `retry_min` to `retry_max` (jittered), and refused logins from
-  `auth_retry_min` to `auth_retry_max`.
+  from `retry_min` to `retry_max` (jittered; at most 0.6 s, so the guard is back
+  within a second of Asterisk accepting logins), and only a refused secret
+  (`Message: Authentication failed`) backs off from `auth_retry_min` to
+  `auth_retry_max`. A stopping Asterisk answers Login with `Message: Asterisk is
+  shutting down` (tests/fixtures/asterisk-22/real2/ami/restart.probe.*) and
+  keeps the socket open: that is transient, so the socket is closed here and the
+  login retried at the connection pace.
 - Callbacks: it fires coroutine callbacks as tasks nobody keeps, so their
   exceptions vanish. Here every task is kept until done and every handler
   failure is logged and counted (`handler_errors`).
@@ -55,6 +60,15 @@ class AmiError(Tm4Error):
 
 class AmiAuthError(AmiError):
     """Asterisk refused the manager login (secret, user or source ACL)."""
+
+
+class AmiLoginRefused(AmiError):
+    """Asterisk refused the login for a passing reason (it is shutting down)."""
+
+
+# The one answer that means the credentials (or the source) are refused: manager.c's
+# authenticate() failing. Anything else is Asterisk's state, not ours.
+AUTH_FAILED = "Authentication failed"
 
 
 class _Protocol(AMIProtocol):  # type: ignore[misc]
@@ -126,15 +140,18 @@ class AmiClient:
         *,
         on_event: EventHandler,
         on_frame: Callable[[Frame], object] | None = None,
+        on_login: Callable[[], object] | None = None,
+        on_logout: Callable[[], object] | None = None,
         events: str = "system,security",
         ping_interval: float = 5.0,
         ping_timeout: float = 3.0,
         connect_timeout: float = 3.0,
         retry_min: float = 0.1,
-        retry_max: float = 1.0,
+        retry_max: float = 0.5,
         auth_retry_min: float = 10.0,
         auth_retry_max: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         if not username or "\r" in username or "\n" in username or "\r" in secret or "\n" in secret:
@@ -145,6 +162,8 @@ class AmiClient:
         self.secret = secret
         self.on_event = on_event
         self.on_frame = on_frame
+        self.on_login = on_login
+        self.on_logout = on_logout
         self.events = events
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
@@ -154,6 +173,7 @@ class AmiClient:
         self.auth_retry_min = auth_retry_min
         self.auth_retry_max = auth_retry_max
         self.clock = clock
+        self.wall = wall
         self.loop = loop or asyncio.get_event_loop()
         self.awaiting_actions: deque[Action] = deque()  # panoramisk's close() wants it
         self.ready = asyncio.Event()
@@ -164,6 +184,10 @@ class AmiClient:
         self.half_open = 0
         self.handler_errors = 0
         self.last_error: BaseException | None = None
+        self.transient_refusals = 0
+        self.logged_in_since: float | None = None  # wall time of the current session's login
+        self.logged_out_since: float | None = None  # wall time the last session ended
+        self.last_event_at: float | None = None  # clock() of the last frame received
         self.local_address: IPAddress | None = None
         self.banner: str | None = None
         self._protocol: _Protocol | None = None
@@ -179,6 +203,10 @@ class AmiClient:
             was_ready = False
             try:
                 await self._session()
+            except AmiLoginRefused as exc:
+                self.transient_refusals += 1
+                self.last_error = exc
+                log.warning("%s; retry in %.2f s", exc, delay)
             except AmiAuthError as exc:
                 self.failed_logins += 1
                 self.last_error = exc
@@ -232,6 +260,24 @@ class AmiClient:
     def connected(self) -> bool:
         return self.ready.is_set()
 
+    def state(self) -> dict[str, Any]:
+        """For `tm4 daemon status`: logged in or not, since when, how lively."""
+        now = self.clock()
+        return {
+            "logged_in": self.connected,
+            "logged_in_since": self.logged_in_since,
+            "logged_out_since": None if self.connected else self.logged_out_since,
+            "last_event_age": None if self.last_event_at is None else round(now - self.last_event_at, 3),
+            "logins": self.logins,
+            "reconnects": max(0, self.logins - 1),
+            "connects": self.connects,
+            "refused_logins": self.failed_logins,
+            "transient_refusals": self.transient_refusals,
+            "half_open": self.half_open,
+            "last_error": None if self.last_error is None else (str(self.last_error)
+                                                                or type(self.last_error).__name__),
+        }
+
     # -- one session -----------------------------------------------------------------
     async def _session(self) -> None:
         """One connection: banner, login, then pings until it dies."""
@@ -256,11 +302,15 @@ class AmiClient:
         })
         resp = await self._wait(proto.send(login), self.connect_timeout + 2.0, proto)
         if not resp.success:
-            raise AmiAuthError(
-                f"AMI login as {self.username!r} refused: {resp.get('Message', 'no reason given')}"
-            )
+            why = str(resp.get("Message", "no reason given"))
+            if why.lower() != AUTH_FAILED.lower() and "shutting down" in why.lower():
+                raise AmiLoginRefused(f"AMI login as {self.username!r} refused for now: {why}")
+            raise AmiAuthError(f"AMI login as {self.username!r} refused: {why}")
         self.logins += 1
+        self.logged_in_since = self.wall()
         self.ready.set()
+        if self.on_login is not None:
+            self._call(self.on_login)
         log.info("AMI logged in to %s:%s as %s (%s)", self.host, self.port, self.username, self.banner)
         stop = asyncio.ensure_future(self.stopping.wait())
         try:
@@ -296,6 +346,11 @@ class AmiClient:
     def _disconnected(self) -> None:
         if self.ready.is_set():
             log.warning("AMI connection to %s:%s lost", self.host, self.port)
+            self.logged_out_since = self.wall()
+            self.logged_in_since = None
+            self.ready.clear()
+            if self.on_logout is not None:
+                self._call(self.on_logout)
         self.ready.clear()
         proto = self._protocol
         if proto is not None and not proto.closed:
@@ -312,6 +367,7 @@ class AmiClient:
 
     # -- incoming ------------------------------------------------------------------
     def _frame(self, proto: _Protocol, frame: Frame, now: float) -> None:
+        self.last_event_at = now
         event = frame.event
         if event is None or frame.has("ActionID"):
             msg = _message(frame)

@@ -3,6 +3,12 @@
 `tm4 guard` runs this in the foreground; `tm4d` hosts the same object on its loop.
 Everything here runs on the event loop's thread: the core's SQLite connection is
 never shared between threads.
+
+Nothing is lost while the guard is logged out of AMI (an Asterisk restart, a dead
+connection): on the next login it reads Asterisk's security log ([guard]
+security_log) from shortly before it lost AMI, and feeds the policy each event it
+did not see live, once (events seen live cancel their log lines, see
+tm4.asterisk.securitylog), at the time the event happened.
 """
 
 from __future__ import annotations
@@ -14,13 +20,14 @@ import json
 import logging
 import subprocess
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tm4.asterisk import securitylog
 from tm4.asterisk.ami import AmiClient
-from tm4.asterisk.events import SecurityEvent
+from tm4.asterisk.events import SecurityEvent, to_security_event
 from tm4.core.durations import parse_duration
 from tm4.core.errors import ConfigError, Tm4Error
 from tm4.core.model import IPAddress, IPNetwork, Origin, normalise_address
@@ -29,6 +36,15 @@ from tm4.guard.policy import BanDecision, Decision, Guard, PromoteDecision, Revo
 from tm4.ops.engine import Core
 
 log = logging.getLogger("tm4.guard")
+
+# Catch-up: read the log from this long before AMI was lost (events raised just before
+# the connection died may never have reached us), and wait this long after the login
+# for Asterisk to write what it raised meanwhile.
+CATCHUP_MARGIN = 2.0
+CATCHUP_DELAY = 0.5
+# Live events remembered to cancel their log lines: long enough to cover a gap's margin.
+SEEN_HORIZON = 120.0
+SEEN_MAX = 200_000
 
 _LOOPBACK: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 _UNSPECIFIED: tuple[IPNetwork, ...] = (ipaddress.ip_network("0.0.0.0/32"), ipaddress.ip_network("::/128"))
@@ -71,6 +87,8 @@ class GuardRuntime:
         on_decision: Callable[[Applied], object] | None = None,
         client_options: dict[str, Any] | None = None,
         own: set[IPAddress] | None = None,
+        wall: Callable[[], float] = time.time,
+        catchup_delay: float = CATCHUP_DELAY,
     ) -> None:
         self.core = core
         self.config = core.config
@@ -83,6 +101,17 @@ class GuardRuntime:
                            clock=clock)
         self.applied: deque[Applied] = deque(maxlen=10_000)
         self.client: AmiClient | None = None
+        self.wall = wall
+        self.catchup_delay = catchup_delay
+        self.security_log = core.config.guard.security_log
+        # (wall time, key) of live security events, and their multiset, to cancel log lines
+        self._seen: deque[tuple[float, securitylog.EventKey]] = deque()
+        self._seen_count: Counter[securitylog.EventKey] = Counter()
+        self.gaps: deque[dict[str, Any]] = deque(maxlen=20)
+        self.recovered = 0
+        self._catchups: set[asyncio.Task[None]] = set()
+        self._hold_seen = False  # between losing AMI and the catch-up: keep what was seen
+        self._away_since: float | None = None
         self._seed_promoted()
 
     # -- what must never be banned -------------------------------------------------
@@ -104,6 +133,10 @@ class GuardRuntime:
 
     # -- events in -----------------------------------------------------------------
     def handle(self, ev: SecurityEvent, received: float) -> None:
+        self._remember(ev)
+        self._decide(ev, received)
+
+    def _decide(self, ev: SecurityEvent, received: float) -> None:
         if ev.local is not None and ev.local.address not in self.own:
             self.own.add(ev.local.address)  # the address Asterisk answered on is ours
         for d in self.guard.observe(ev, received):
@@ -146,6 +179,80 @@ class GuardRuntime:
                 log.exception("guard decision hook failed")
         return rec
 
+    # -- catching up from the security log ----------------------------------------------
+    def _remember(self, ev: SecurityEvent) -> None:
+        now = self.wall()
+        key = securitylog.event_key(ev.frame)
+        self._seen.append((now, key))
+        self._seen_count[key] += 1
+        while self._seen and (len(self._seen) > SEEN_MAX
+                              or (not self._hold_seen and now - self._seen[0][0] > SEEN_HORIZON)):
+            _, old = self._seen.popleft()
+            self._seen_count[old] -= 1
+            if self._seen_count[old] <= 0:
+                del self._seen_count[old]
+
+    def _logged_out(self) -> None:
+        """AMI lost: the guard has been blind since the last bytes it got (a dead peer
+        is noticed only when a Ping goes unanswered)."""
+        self._hold_seen = bool(self.security_log)
+        client, now = self.client, self.wall()
+        last = client.last_event_at if client is not None else None
+        self._away_since = now if last is None else min(now, now - (self.clock() - last))
+
+    def _logged_in(self) -> None:
+        away, self._away_since = self._away_since, None
+        if away is None or not self.security_log:
+            return
+        now = self.wall()
+        gap = {"from": away, "to": now, "seconds": round(now - away, 3),
+               "recovered": None, "read": None, "error": None}
+        self.gaps.append(gap)
+        task = asyncio.ensure_future(self._catch_up(gap))
+        self._catchups.add(task)
+        task.add_done_callback(self._catchups.discard)
+
+    async def _catch_up(self, gap: dict[str, Any]) -> None:
+        try:
+            await self._catch_up_once(gap)
+        finally:
+            if not self._catchups - {asyncio.current_task()}:
+                self._hold_seen = False
+
+    async def _catch_up_once(self, gap: dict[str, Any]) -> None:
+        await asyncio.sleep(self.catchup_delay)
+        try:
+            logged = await asyncio.to_thread(securitylog.read_since, self.security_log,
+                                             gap["from"] - CATCHUP_MARGIN)
+        except OSError as exc:
+            gap["error"] = f"cannot read {self.security_log}: {exc.strerror or exc}"
+            log.warning("guard was away %.1f s and %s: events of that time are not counted",
+                        gap["seconds"], gap["error"])
+            return
+        # after the login, Asterisk sends events live
+        logged = [e for e in logged if e.when <= gap["to"]]
+        res = securitylog.missed_events(logged, self._seen_count)
+        now_wall, now = self.wall(), self.clock()
+        for le in res.missed:
+            ev = to_security_event(le.frame)
+            if ev is None:
+                continue
+            self._remember(ev)
+            # at the time it happened, on the policy's clock: windows stay true
+            self._decide(ev, now - max(0.0, now_wall - le.when))
+        self.recovered += len(res.missed)
+        gap.update(recovered=len(res.missed), read=res.read)
+        log.warning("guard was logged out of AMI for %.1f s; caught up from %s: %d event(s) missed, "
+                    "%d already seen live", gap["seconds"], self.security_log, len(res.missed),
+                    res.already_seen)
+
+    def status(self) -> dict[str, Any]:
+        """The AMI session and the gaps, for `tm4 daemon status`."""
+        client = self.client
+        ami = client.state() if client is not None else {"logged_in": False}
+        return {"ami": ami, "gaps": list(self.gaps), "recovered": self.recovered,
+                "security_log": self.security_log or None}
+
     # -- running -------------------------------------------------------------------
     def make_client(self) -> AmiClient:
         ami = self.config.ami
@@ -157,7 +264,8 @@ class GuardRuntime:
             "connect_timeout": parse_duration(ami.connect_timeout).total_seconds(),
         }
         return AmiClient(ami.host, ami.port, ami.username, ami.secret, on_event=self.handle,
-                         clock=self.clock, loop=asyncio.get_running_loop(),
+                         on_login=self._logged_in, on_logout=self._logged_out, clock=self.clock, wall=self.wall,
+                         loop=asyncio.get_running_loop(),
                          **{**timing, **self.client_options})
 
     async def run(self) -> None:
@@ -172,6 +280,8 @@ class GuardRuntime:
     async def close(self) -> None:
         if self.client is not None:
             await self.client.close()
+        for t in list(self._catchups):
+            t.cancel()
 
     async def _sweep_forever(self, every: float = 30.0) -> None:
         while True:
