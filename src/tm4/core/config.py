@@ -55,6 +55,9 @@ class GuardConfig:
     promote_ttl: str = "1h"
     ipv6_prefix: int = 64
     max_sources: int = 50_000  # sources remembered at once; the furthest from a ban go first
+    # Asterisk's security log (logger.conf `security => security`): after an AMI gap the
+    # guard catches up from it; "" turns the catch-up off.
+    security_log: str = "/var/log/asterisk/security"
 
 
 @dataclass
