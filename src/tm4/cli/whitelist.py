@@ -123,6 +123,7 @@ def unblock(ctx: Ctx, address: str) -> None:
 def bans(ctx: Ctx, as_json: bool) -> None:
     """List banned addresses."""
     items = ctx.call("bans", {})
+    _mention_quarantine(ctx)
     if as_json:
         echo_json(items)
         return
@@ -131,6 +132,16 @@ def bans(ctx: Ctx, as_json: bool) -> None:
     for b in items:
         exp = b["expires"] or "permanent"
         click.echo(f"{b['address']:40} {exp:22} x{b['offences']:<3} {b['reason']}")
+
+
+def _mention_quarantine(ctx: Ctx) -> int:
+    """Rows the store set aside because they no longer parse: said on stderr (the
+    output itself keeps its shape)."""
+    n = len(ctx.call("quarantine", {"scan": False}))
+    if n:
+        click.echo(f"tm4: {n} store row(s) no longer parse and were set aside: `tm4 quarantine list`",
+                   err=True)
+    return n
 
 
 def _plan(ctx: Ctx):  # type: ignore[no-untyped-def]
@@ -195,6 +206,10 @@ def status(ctx: Ctx, as_json: bool) -> None:
     from tm4.daemon.status import gather_status
 
     st = gather_status(ctx.core)
+    st["quarantined"] = len(ctx.core.store.quarantined())
+    if st["quarantined"]:
+        st["extra"]["quarantine"] = (f"{st['quarantined']} row(s) no longer parse, set aside "
+                                     "(`tm4 quarantine list`)")
     if as_json:
         echo_json(st)
         return

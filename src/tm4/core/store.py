@@ -204,7 +204,7 @@ class Store:
                 raise StoreError(f"cannot open the store {self.path}: {exc}") from None
             self._db = self._connect_read_only()
             self.read_only = f"no space left on {self.path.parent}"
-            log.error("event=store_read_only path=%s reason=%s", self.path, self.read_only)
+            log.info("event=store_read_only path=%s reason=%s", self.path, self.read_only)
             return
         with suppress(OSError):
             os.chmod(self.path, 0o600)
@@ -325,6 +325,12 @@ class Store:
                 log.error("event=undo_failed reason=%s", exc)
         if undone:
             self._drop_marker()
+        elif self._marker is not None:
+            # The kernel may still hold what the store does not: whoever writes next
+            # (or applies) reconciles, this process included.
+            with suppress(OSError):
+                self._marker.rename(self._marker.with_name(f"{self.path.name}.kernel-failed-{os.getpid()}"))
+            self._marker = None
 
     def _write_error(self, exc: sqlite3.Error) -> StoreError:
         if _is_full(exc) or no_space(self.path.parent):
@@ -360,6 +366,9 @@ class Store:
         """Markers left by writers that died mid-change (not this process's own)."""
         out = []
         for m in self.path.parent.glob(f"{self.path.name}.kernel-*"):
+            if m.name.startswith(f"{self.path.name}.kernel-failed-"):
+                out.append(m)  # an undo that failed: reconcile whoever left it
+                continue
             pid_text = m.name.rsplit("-", 1)[-1]
             if not pid_text.isdigit() or int(pid_text) == os.getpid():
                 continue
@@ -562,7 +571,7 @@ class Store:
                 db.execute(f"DELETE FROM {table} WHERE rowid = (SELECT rowid FROM {table} WHERE "
                            f"{key_col} IS ?)", (r[key_col],))
         except (StoreError, sqlite3.Error) as exc:
-            log.warning("event=quarantine_deferred table=%s key=%r reason=%s", table, key, exc)
+            log.debug("event=quarantine_deferred table=%s key=%r reason=%s", table, key, exc)
 
     def quarantined(self) -> list[QuarantinedRow]:
         rows = self._db.execute("SELECT * FROM quarantine ORDER BY id").fetchall()

@@ -29,7 +29,7 @@ from typing import IO, Any
 from tm4.core import notify
 from tm4.core.config import Config, load_config
 from tm4.core.durations import parse_duration
-from tm4.core.errors import ApplyError, ConflictError, Tm4Error
+from tm4.core.errors import ApplyError, ConflictError, StoreError, Tm4Error
 from tm4.core.model import Origin, format_time, utcnow
 from tm4.daemon.acl import AclFollower
 from tm4.daemon.components import Component, default_components
@@ -127,6 +127,9 @@ class Daemon:
         except ApplyError as exc:
             log.error("event=apply_failed why=%s reason=%s", reason, exc)
             return False
+        except StoreError as exc:  # applied; only the bookkeeping could not be written
+            log.error("event=apply_unrecorded why=%s reason=%s", reason, exc)
+            return True
         n = sum(len(s.elements) for s in rs.sets.values())
         log.info("event=applied why=%s sets=%d elements=%d rules=%d ms=%.1f", reason, len(rs.sets), n,
                  len(rs.input_rules), (time.perf_counter() - t0) * 1000)
@@ -134,7 +137,17 @@ class Daemon:
 
     async def start(self) -> None:
         notify.install(self.notifier)
-        lifted = self.recheck_bans()
+        # Rows that no longer parse are set aside (logged, `tm4 quarantine list`), never fatal:
+        # entries here, bans as recheck_bans reads them.
+        self.core.entries()
+        try:
+            lifted = self.recheck_bans()
+        except StoreError as exc:  # a full disk: the rules still load
+            lifted = []
+            log.error("event=bans_recheck_failed reason=%s", exc)
+        quarantined = len(self.core.store.quarantined())
+        if quarantined:
+            log.error("event=store_rows_quarantined count=%d (see `tm4 quarantine list`)", quarantined)
         if lifted:
             log.info("event=bans_rechecked lifted=%d", len(lifted))
         try:

@@ -22,7 +22,7 @@ import os
 import sys
 
 from tm4.core.config import Config, load_config
-from tm4.core.errors import ApplyError, Tm4Error
+from tm4.core.errors import ApplyError, StoreError, Tm4Error
 from tm4.core.model import format_time
 from tm4.daemon.components import Component
 from tm4.daemon.host import Daemon
@@ -42,14 +42,25 @@ def boot_apply(config: Config) -> int:
     if core.store.get_meta(DISABLED_KEY) is not None:
         log.warning("event=boot_apply_skipped reason=disabled")
         return 0
-    d = safemode.evaluate(core)
+    # Rows that no longer parse are set aside first; neither they nor a full disk
+    # (read-only store) keep the rules from loading.
+    quarantined = core.store.quarantine_scan()
+    if quarantined:
+        log.error("event=store_rows_quarantined count=%d (see `tm4 quarantine list`)", quarantined)
+    try:
+        active = safemode.evaluate(core).active
+    except StoreError as exc:
+        active = False
+        log.error("event=safe_mode_failed reason=%s", exc)
     try:
         core.apply()
     except ApplyError as exc:
         log.error("event=boot_apply_failed reason=%s", exc)
         return 1
-    log.info("event=boot_applied safe_mode=%s entries=%d bans=%d", d.active, len(core.entries()),
-             len(core.bans()))
+    except StoreError as exc:
+        log.warning("event=boot_apply_unrecorded reason=%s", exc)
+    n_entries, n_bans = (core.store.rows(f"SELECT count(*) FROM {t}")[0][0] for t in ("entries", "bans"))
+    log.info("event=boot_applied safe_mode=%s entries=%d bans=%d", active, n_entries, n_bans)
     return 0
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tm4.core.durations import parse_duration
-from tm4.core.errors import ApplyError, ConflictError, ValidationError
+from tm4.core.errors import ApplyError, ConflictError, NotFoundError, ValidationError
 from tm4.core.model import Origin, format_time, utcnow
 from tm4.ops.engine import Core
 
@@ -112,6 +112,32 @@ def op_log(core: Core, a: dict[str, Any]) -> Any:
     return [r.to_json() for r in core.store.audit_log(limit, subject if isinstance(subject, str) else None)]
 
 
+def op_quarantine(core: Core, a: dict[str, Any]) -> Any:
+    """Rows set aside because they no longer parse (tm4.core.store: never fatal); `scan`
+    (default) parses every entry and ban first, so the list is complete."""
+    if a.get("scan", True) is not False:
+        core.store.quarantine_scan()
+    return [q.to_json() for q in core.store.quarantined()]
+
+
+def op_quarantine_drop(core: Core, a: dict[str, Any]) -> Any:
+    ids = a.get("ids")
+    if _bool(a, "all"):
+        gone = core.store.drop_quarantined(None)
+    elif isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        known = {q.id for q in core.store.quarantined()}
+        missing = [i for i in ids if i not in known]
+        if missing:
+            raise NotFoundError(f"no quarantined row with id {', '.join(map(str, missing))} "
+                                "(see `tm4 quarantine list`)")
+        gone = core.store.drop_quarantined(ids)
+    else:
+        raise ValidationError("give the ids of quarantined rows (whole numbers) or all")
+    core.audit("quarantine_drop", "quarantine", Origin.ADMIN, _str(a, "actor", ""),
+               ids="all" if _bool(a, "all") else ids, dropped=gone)
+    return {"dropped": gone}
+
+
 def op_safe_mode_off(core: Core, a: dict[str, Any]) -> Any:
     from tm4.ops import safemode
 
@@ -170,6 +196,8 @@ ROOT_OPS: dict[str, OpFunc] = {
     "apply": op_apply,
     "sweep": op_sweep,
     "log": op_log,
+    "quarantine": op_quarantine,
+    "quarantine_drop": op_quarantine_drop,
     "safe_mode": op_safe_mode,
     "safe_mode_off": op_safe_mode_off,
     "disable": op_disable,
