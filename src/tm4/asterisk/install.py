@@ -16,12 +16,16 @@ from tm4.asterisk.acl import (
     ACL_NAME,
     PENDING_KEY,
     AclSync,
+    Chooser,
+    EndpointOffer,
     acl_path,
     flush_pending,
+    offer_endpoint_acls,
     write_acl,
 )
 from tm4.asterisk.amiuser import ManagerUser, ami_enabled, ensure_manager_user
 from tm4.asterisk.conffile import IncludeEdit, ensure_include, read_conf
+from tm4.asterisk.dirs import AsteriskDirs
 from tm4.asterisk.reload import AmiError, AmiSession, reload_module
 from tm4.core.config import AmiConfig
 from tm4.core.errors import ConfigError, ConflictError
@@ -52,6 +56,7 @@ class InstallReport:
     ami_login: str = ""
     acl: AclSync | None = None
     warnings: list[str] = field(default_factory=list)
+    endpoint_acls: EndpointOffer | None = None
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -62,6 +67,7 @@ class InstallReport:
             "manager_where": str(self.manager.where) if self.manager.where else None,
             "manager_reload": self.manager_reload or None, "ami_login": self.ami_login,
             "acl_reload": self.acl.to_json() if self.acl else None, "warnings": self.warnings,
+            "endpoint_acls": self.endpoint_acls.to_json() if self.endpoint_acls else None,
             "usage": USAGE.format(name=ACL_NAME).splitlines(),
         }
 
@@ -96,6 +102,7 @@ class InstallReport:
             else:
                 out.append("ACL reload:    not needed")
         out += [f"warning:       {w}" for w in self.warnings]
+        out += self.endpoint_acls.lines() if self.endpoint_acls else []
         out.append("")
         out += USAGE.format(name=ACL_NAME).splitlines()
         return out
@@ -120,12 +127,18 @@ tm4 keeps the ACL's addresses current and reloads it over AMI when they change."
 
 
 async def install_async(core: Core, toml_path: Path, *, rx: Rx = asterisk_rx,
-                        timeout: float = 5.0) -> InstallReport:
+                        timeout: float = 5.0, dirs: AsteriskDirs | None = None,
+                        endpoint_acls: Chooser | None = None) -> InstallReport:
+    """`dirs`: Asterisk's directories from its asterisk.conf (`--asterisk PATH`); by default
+    [asterisk] config_dir is astetcdir."""
     cfg = core.config
+    configured = cfg.asterisk.config_dir
+    if dirs is not None and str(dirs.etc) != configured:
+        cfg.asterisk = dataclasses.replace(cfg.asterisk, config_dir=str(dirs.etc))
     config_dir = Path(cfg.asterisk.config_dir)
     if not config_dir.is_dir():
         raise ConfigError(f"Asterisk's config directory {config_dir} does not exist "
-                          "(set [asterisk] config_dir in tm4.toml)")
+                          "(set [asterisk] config_dir in tm4.toml, or name asterisk.conf with --asterisk)")
     acl_conf = config_dir / "acl.conf"
     if acl_conf.exists():  # refuse before writing anything
         _, conf = read_conf(acl_conf)
@@ -141,18 +154,24 @@ async def install_async(core: Core, toml_path: Path, *, rx: Rx = asterisk_rx,
         core.store.set_meta(PENDING_KEY, "include added")
     report = InstallReport(acl_path(cfg), written, inc,
                            ensure_manager_user(config_dir, cfg.ami.username, toml_path, cfg.ami.secret))
+    if str(config_dir) != configured:
+        report.warnings.append(f"asterisk.conf puts Asterisk's configs in {config_dir}: set [asterisk] "
+                               f"config_dir = \"{config_dir}\" in {toml_path} so tm4d keeps the ACL there")
     if any(s.startswith("sip-") for s in cfg.firewall.public_services):
         report.warnings.append("SIP is a public service in tm4.toml: a global pjsip ACL would shut "
                                "out everyone outside the whitelist; reference the ACL per endpoint")
     if ami_enabled(config_dir) is False:
         report.warnings.append("manager.conf [general] does not say enabled = yes: AMI is off, "
                                "so tm4 cannot reload the ACL or watch security events")
+    from tm4.asterisk.securitylog import install_warnings  # the guard's catch-up source
+    report.warnings += await asyncio.to_thread(install_warnings, config_dir, cfg.guard.security_log, rx)
     old = cfg.ami
     if report.manager.changed:
         cfg.ami = dataclasses.replace(old, secret=report.manager.secret)
         report.manager_reload = await _reload_manager(old, rx, timeout)
     report.ami_login = await _try_login(cfg.ami, timeout)
     report.acl = await flush_pending(core, timeout=timeout)
+    report.endpoint_acls = await offer_endpoint_acls(core, endpoint_acls, timeout=timeout)
     return report
 
 

@@ -81,7 +81,8 @@ class Host:
 # -- rendering ------------------------------------------------------------------------------
 
 def socket_path(value: str) -> str:
-    if not _SOCKET_RE.fullmatch(value) or "/../" in value + "/":
+    parts = value[1:].split("/")
+    if not _SOCKET_RE.fullmatch(value) or any(p in ("", ".", "..") for p in parts):
         raise ConfigError(f"[daemon] socket {value!r} cannot be named in Asterisk's dialplan: use an "
                           "absolute path of letters, digits and . _ / @ + - (at most 107 bytes)")
     return value
@@ -284,7 +285,7 @@ def install(pieces: list[Piece], root: str | Path, state_dir: str | Path) -> Res
             res.unchanged.append(p.path)
         else:
             prev = old_files.get(p.path)
-            if prev is not None and current is not None and prev.get("sha256") not in (current, want):
+            if prev is not None and current is not None and prev.get("sha256") != current:
                 res.warnings.append(f"{p.path} had been changed since it was installed; replaced")
             _write(dest, p.data, p.mode)
             res.written.append(p.path)
