@@ -120,7 +120,10 @@ def test_install_end_to_end_and_idempotent(setup: Setup) -> None:
     secret = tomllib.loads(setup.toml.read_text())["ami"]["secret"]
     assert secret == include_secret(setup.etc, "tm4")
     assert stat.S_IMODE(setup.toml.stat().st_mode) == 0o600
-    assert setup.rx_log.read_text() == "-rx manager reload\n"
+    # logger.conf gets the security channel the guard catches up from, and is reloaded
+    assert setup.rx_log.read_text() == "-rx logger reload\n-rx manager reload\n"
+    assert "added `security => security` for the guard's catch-up; logger reloaded" in out
+    assert read_conf(setup.etc / "logger.conf")[1].values("logfiles", "security") == ["security"]
     # Asterisk (the simulator) now has tm4's user, least privilege, and the ACL
     user = setup.sim.users["tm4"]
     assert (user.secret, user.read, user.write) == (secret, {"system", "security"}, {"system"})
@@ -137,7 +140,8 @@ def test_install_end_to_end_and_idempotent(setup: Setup) -> None:
     assert "#include already present" in r.output and "manager user:  present" in r.output
     assert "ACL reload:    not needed" in r.output
     assert setup.files() == before and setup.sim.reloads == ["manager", "acl"]
-    assert setup.rx_log.read_text() == "-rx manager reload\n"
+    assert setup.rx_log.read_text() == "-rx logger reload\n-rx manager reload\n"
+    assert "logger.conf" not in r.output
 
     # status: everything in step; Asterisk's own view needs write=command, which tm4 lacks
     r = setup.tm4("asterisk", "status", "--json")

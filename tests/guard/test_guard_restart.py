@@ -21,6 +21,7 @@ from fakes import MemoryKernel
 from tm4.asterisk.events import SecurityEvent
 from tm4.asterisk.securitylog import event_key
 from tm4.core.config import parse_config
+from tm4.daemon.components import Component
 from tm4.guard.runtime import GuardRuntime
 from tm4.ops.engine import Core
 
@@ -126,9 +127,12 @@ def test_a_slow_boot_loses_nothing_the_log_recovers_and_status_shows_the_gap(tmp
         sim = RestartSim("restart", "tm4", SECRET, tmp_path / "security", hold_refused=True)
         await sim.start()
         core, rt = make(tmp_path, sim, failures=5)
+        component = Component("guard", "tm4.guard.runtime", lambda d, m: asyncio.sleep(0), state="running",
+                              detail=rt.status)
         task = asyncio.ensure_future(rt.run())
         try:
             assert await until(lambda: rt.client is not None and rt.client.connected)
+            assert component.to_json()["state"] == "running"
             client = rt.client
             assert client is not None
             before = [guess(i) for i in range(2)]  # seen live, also in the log: not counted twice
@@ -141,6 +145,7 @@ def test_a_slow_boot_loses_nothing_the_log_recovers_and_status_shows_the_gap(tmp
             assert await until(lambda: client.connects >= 6, 5.0)
             n = client.connects
             assert await until(lambda: client.connects > n, 2.0)
+            away = component.to_json()  # what `tm4 daemon status --json` shows now
             asked = time.monotonic()
             sim.boot()
             assert await until(lambda: sim.new_since is not None, 1.0)
@@ -154,7 +159,8 @@ def test_a_slow_boot_loses_nothing_the_log_recovers_and_status_shows_the_gap(tmp
             assert await until(lambda: ATTACKER in {b.address for b in core.bans()}, 3.0)
             assert await until(lambda: rt.gaps and rt.gaps[-1]["recovered"] is not None, 3.0)
             return {"rt": rt, "missed": missed, "before": before, "back": back,
-                    "logged": [x for x in sim.raised], "status": rt.status()}
+                    "logged": [x for x in sim.raised], "status": rt.status(), "away": away,
+                    "back_json": component.to_json()}
         finally:
             await rt.close()
             await asyncio.wait_for(task, 5)
@@ -172,3 +178,11 @@ def test_a_slow_boot_loses_nothing_the_log_recovers_and_status_shows_the_gap(tmp
     assert 0 < gap["seconds"] < 5 and gap["from"] < gap["to"]
     assert st["recovered"] == 6
     assert st["ami"]["logged_in"] and st["ami"]["refused_logins"] == 0
+    away = r["away"]  # never `running` while logged out
+    assert away["state"] == "logged out" and away["ami"]["logged_in"] is False
+    assert "Connect call failed" in away["error"] or "refused" in away["error"].lower()
+    assert away["summary"].startswith("AMI LOGGED OUT since ")
+    back = r["back_json"]
+    assert back["state"] == "running" and back["ami"]["reconnects"] >= 1
+    assert "6 event(s) caught up from the security log" in back["summary"]
+    print(back["summary"])

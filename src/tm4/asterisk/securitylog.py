@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -221,3 +221,23 @@ def ensure_security_channel(config_dir: Path, log_dir: str = "/var/log/asterisk"
     atomic_write(path, nl.join(lines) + nl, mode=0o644)
     return LoggerChannel(f"{log_dir.rstrip('/')}/security", changed=True,
                          note="added `security => security` to logger.conf")
+
+
+def install_warnings(config_dir: Path, configured: str, rx: Callable[[str], str | None],
+                     log_dir: str = "/var/log/asterisk") -> list[str]:
+    """`tm4 asterisk install`'s part: the security channel exists, Asterisk uses it, and
+    it is the file the guard reads ([guard] security_log). Lines for the report."""
+    ch = ensure_security_channel(config_dir, log_dir)
+    out: list[str] = []
+    if ch.path is None:
+        return [f"{ch.note}: the guard cannot catch up on events it misses while AMI is down"]
+    if ch.changed:
+        done = rx("logger reload") is not None
+        out.append(f"{config_dir / 'logger.conf'}: added `{CHANNEL_LINE}` for the guard's catch-up; "
+                   + ("logger reloaded" if done else "run  asterisk -rx \"logger reload\""))
+    if not configured:
+        out.append("[guard] security_log is empty: events missed while AMI is down are not caught up")
+    elif os.path.normpath(configured) != os.path.normpath(ch.path):
+        out.append(f"Asterisk writes security events to {ch.path} but [guard] security_log is "
+                   f"{configured}: set it to {ch.path}")
+    return out

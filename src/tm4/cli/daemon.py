@@ -60,6 +60,8 @@ def daemon_status(ctx: Ctx, as_json: bool) -> None:
     for name, c in st["components"].items():
         err = f" ({c['error']})" if c["error"] else ""
         click.echo(f"  {name:8} {c['state']}{err}")
+        if c.get("summary"):  # the guard: its AMI session and the last gap
+            click.echo(f"           {c['summary']}")
     d = st["drift"]
     last = d["last"]
     click.echo(f"drift repairs: {d['repairs']}" + (f", last {last['time']}: {last['found']}" if last else ""))

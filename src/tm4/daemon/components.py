@@ -44,9 +44,18 @@ class Component:
     error: str = ""
     restarts: int = 0
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+    # What the running part says of itself (the guard: its AMI session); its "state" and
+    # "error" override the supervisor's while it runs.
+    detail: Callable[[], dict[str, Any]] | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {"state": self.state, "error": self.error or None, "restarts": self.restarts}
+        out: dict[str, Any] = {"state": self.state, "error": self.error or None, "restarts": self.restarts}
+        if self.detail is not None and self.state == "running":
+            try:
+                out.update(self.detail())
+            except Exception as exc:  # a status report must not break `tm4 daemon status`
+                out["error"] = f"status unavailable: {exc}"
+        return out
 
     def start(self, daemon: Daemon) -> None:
         if not self.wanted(daemon.config):
@@ -108,10 +117,15 @@ async def _run_dns(d: Daemon, mod: Any) -> None:
 async def _run_guard(d: Daemon, mod: Any) -> None:
     rt = mod.GuardRuntime(d.core, on_decision=d.guard_decision)
     d.guard = rt
+    me = next((c for c in d.components if c.name == "guard"), None)
+    if me is not None:
+        me.detail = rt.status  # "running" only while logged in to AMI
     try:
         await rt.run()
     finally:
         d.guard = None
+        if me is not None:
+            me.detail = None
         with contextlib.suppress(Exception):
             await rt.close()
 

@@ -41,7 +41,27 @@ def gather_status(core: Core) -> dict[str, Any]:
     from tm4.daemon.main import status_extra
 
     st["extra"].update(status_extra(core))
+    guard = _guard_status(core)
+    if guard is not None:
+        st["guard"] = guard
+        st["extra"]["guard"] = guard.get("summary") or guard.get("state")
     pend = confirm.pending(core)
     if pend:
         st["pending_confirm"] = max(0, int(pend["deadline"] - time.time()))
     return st
+
+
+def _guard_status(core: Core) -> dict[str, Any] | None:
+    """The guard's AMI session as tm4d reports it; None when tm4d does not run it."""
+    from tm4.ops.control import daemon_running, request
+
+    path = core.config.daemon.socket
+    if not daemon_running(path):
+        return None
+    try:
+        st = request(path, "status", timeout=5.0)
+    except Exception:  # Tm4Error, OSError: the rest of `tm4 status` still stands
+        return None
+    guard = (st.get("components") or {}).get("guard")
+    return guard if isinstance(guard, dict) else None
+

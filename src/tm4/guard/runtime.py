@@ -23,6 +23,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from tm4.asterisk import securitylog
@@ -247,11 +248,21 @@ class GuardRuntime:
                     res.already_seen)
 
     def status(self) -> dict[str, Any]:
-        """The AMI session and the gaps, for `tm4 daemon status`."""
+        """The AMI session and the gaps, for `tm4 daemon status`: `state` is "running" only
+        while logged in to AMI, else "logged out" (the guard sees nothing live then)."""
         client = self.client
         ami = client.state() if client is not None else {"logged_in": False}
-        return {"ami": ami, "gaps": list(self.gaps), "recovered": self.recovered,
-                "security_log": self.security_log or None}
+        gaps = [{**g, "from": _iso(g["from"]), "to": _iso(g["to"])} for g in self.gaps]
+        out: dict[str, Any] = {
+            "state": "running" if ami.get("logged_in") else "logged out",
+            "ami": {**ami, "logged_in_since": _iso(ami.get("logged_in_since")),
+                    "logged_out_since": _iso(ami.get("logged_out_since"))},
+            "gaps": gaps, "recovered": self.recovered, "security_log": self.security_log or None,
+        }
+        out["summary"] = _summary(out)
+        if not ami.get("logged_in"):
+            out["error"] = f"AMI: {ami.get('last_error') or 'not connected yet'}"
+        return out
 
     # -- running -------------------------------------------------------------------
     def make_client(self) -> AmiClient:
@@ -300,3 +311,29 @@ class GuardRuntime:
             for n in e.networks():
                 if n.prefixlen == n.max_prefixlen:
                     self.guard.remember_promoted(n.network_address, e.name, remaining)
+
+
+def _iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _summary(st: dict[str, Any]) -> str:
+    """One line for `tm4 daemon status` and `tm4 status`."""
+    ami = st["ami"]
+    if ami.get("logged_in"):
+        age = ami.get("last_event_age")
+        text = (f"AMI logged in since {ami['logged_in_since']}"
+                + (f", last event {age:.1f}s ago" if age is not None else "")
+                + f", {ami.get('reconnects', 0)} reconnect(s)")
+    else:
+        text = (f"AMI LOGGED OUT since {ami.get('logged_out_since') or 'start'}: "
+                f"{ami.get('last_error') or 'not connected yet'}")
+    if st["gaps"]:
+        g = st["gaps"][-1]
+        got = ("catching up" if g["recovered"] is None and not g["error"]
+               else g["error"] or f"{g['recovered']} event(s) caught up from the security log")
+        text += f"; last gap {g['seconds']:.1f}s from {g['from']} ({got})"
+    return text
+
