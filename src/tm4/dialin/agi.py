@@ -447,7 +447,7 @@ def pump(steps: Steps, command: Callable[[str], AgiReply], state: LineState | No
             state.ended = state.ended or str(exc)
         return HungUp()
     except AgiProtocolError as exc:  # end the call rather than talk out of step
-        log.warning("event=agi_protocol_error reason=%r", str(exc))
+        log.debug("event=agi_protocol_error reason=%r", str(exc))  # the outcome line says it
         if state is not None:
             state.ended = state.ended or f"protocol error: {exc}"
         return HungUp()
@@ -474,10 +474,22 @@ def drive(conv: Conversation, transport: Any, backend: Any) -> Outcome:
     return out
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is when a line is logged."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> IO[str]:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: IO[str]) -> None:
+        pass
+
+
 def _stderr_log() -> None:
     """One line per event on stderr, which a classic AGI shares with Asterisk."""
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("tm4-dialin.agi[%(process)d]: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)

@@ -191,7 +191,7 @@ async def pump(steps: Steps, transport: FastAgiTransport) -> Reply:
         transport.state.ended = transport.state.ended or str(exc)
         return HungUp()
     except AgiProtocolError as exc:
-        log.warning("event=agi_protocol_error reason=%r", str(exc))
+        log.debug("event=agi_protocol_error reason=%r", str(exc))  # the outcome line says it
         transport.state.ended = transport.state.ended or f"protocol error: {exc}"
         return HungUp()
 

@@ -1,5 +1,9 @@
 """A caller on FastAGI, simulated: Asterisk's environment block (in Asterisk's order), then
-one reply per command, with the keys the caller types at each GET DATA."""
+one reply per command, with the keys the caller types at each GET DATA.
+
+Keys after a `#` are typed on into the next command, as in the real2 capture: a prompt
+without escape digits reads and drops them; with escape digits the first one stops it and
+`result=` is its character code (res_agi.c); WAIT FOR DIGIT takes one key (0: none)."""
 
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ def agi_call(ns: str, keys: list[str], *, host: str = "127.0.0.1", port: int = 4
         "agi_threadid: 140105612957376", "",
     ]
     pending = list(keys)
+    ahead = [""]  # keys typed during whatever command comes next
     t0 = time.monotonic()
     s = in_netns(ns, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
     with s:
@@ -46,29 +51,53 @@ def agi_call(ns: str, keys: list[str], *, host: str = "127.0.0.1", port: int = 4
                 break
             cmd = raw.decode().rstrip("\n")
             call.commands.append(cmd)
-            s.sendall((_agi_reply(cmd, pending, call, callerid) + "\n").encode())
+            s.sendall((_agi_reply(cmd, pending, ahead, call, callerid) + "\n").encode())
         f.close()
     call.seconds = time.monotonic() - t0
     return call
 
 
-def _agi_reply(cmd: str, pending: list[str], call: AgiCall, callerid: str) -> str:
+def _escape(cmd: str, ahead: list[str]) -> str:
+    """Keys typed during a prompt: dropped up to the first escape digit, which stops it."""
+    digits = cmd.rsplit(" ", 1)[-1].strip('"')
+    while ahead[0]:
+        key, ahead[0] = ahead[0][0], ahead[0][1:]
+        if key in digits:
+            return key
+    return ""
+
+
+def _agi_reply(cmd: str, pending: list[str], ahead: list[str], call: AgiCall, callerid: str) -> str:
     name = cmd.split(" ", 1)[0].upper()
     if cmd.startswith("GET DATA"):
-        if not pending:
+        maxd = int(cmd.split()[4]) if len(cmd.split()) > 4 else 1024
+        if ahead[0]:
+            typed, ahead[0] = ahead[0], ""
+        elif not pending:
             return "200 result=-1"  # nothing more to say: the caller hangs up
-        typed, got = pending.pop(0), ""
-        for k in typed:
+        else:
+            typed = pending.pop(0)
+        got = ""
+        for i, k in enumerate(typed):
             if k == "#":
+                ahead[0] = typed[i + 1:]
                 return f"200 result={got}"
             got += k
+            if len(got) >= maxd:
+                ahead[0] = typed[i + 1:]
+                return f"200 result={got}"
         return f"200 result={got} (timeout)"
     if cmd.startswith(("SAY ALPHA", "SAY DIGITS")):
         call.said.append(cmd.split(" ", 2)[2].rsplit(" ", 1)[0])
-        return "200 result=0"
+        key = _escape(cmd, ahead)
+        return f"200 result={ord(key)}" if key else "200 result=0"
     if cmd.startswith("STREAM FILE"):
         call.played.append(cmd.split(" ")[2])
-        return "200 result=0 endpos=16000"
+        key = _escape(cmd, ahead)
+        return f"200 result={ord(key)} endpos=8000" if key else "200 result=0 endpos=16000"
+    if cmd.startswith("WAIT FOR DIGIT"):
+        key, ahead[0] = ahead[0][:1], ahead[0][1:]
+        return f"200 result={ord(key)}" if key else "200 result=0"
     if cmd.startswith("GET VARIABLE"):
         return f"200 result=1 ({callerid})" if "CALLERID(num)" in cmd else "200 result=0"
     if cmd.startswith("GET FULL VARIABLE"):
