@@ -156,6 +156,8 @@ async def install_async(core: Core, toml_path: Path, *, rx: Rx = asterisk_rx,
     if ami_enabled(config_dir) is False:
         report.warnings.append("manager.conf [general] does not say enabled = yes: AMI is off, "
                                "so tm4 cannot reload the ACL or watch security events")
+    from tm4.asterisk.securitylog import install_warnings  # the guard's catch-up source
+    report.warnings += await asyncio.to_thread(install_warnings, config_dir, cfg.guard.security_log, rx)
     old = cfg.ami
     if report.manager.changed:
         cfg.ami = dataclasses.replace(old, secret=report.manager.secret)
