@@ -135,6 +135,39 @@ def test_commands_per_action() -> None:
     assert sent == ["WAIT FOR DIGIT 5000", "WAIT FOR DIGIT 5000", "WAIT FOR DIGIT 2000"]
 
 
+def test_prompts_that_listen_carry_the_key() -> None:
+    """STREAM FILE / SAY ALPHA with escape digits: `result=` is the key's character code."""
+    sent, reply = _steps(Play(("tm4/a", "tm4/b"), "0123456789*#"), ["200 result=52 endpos=4000"])
+    assert sent == ['STREAM FILE tm4/a "0123456789*#"'] and reply == Done("4"), "the rest is not played"
+    sent, reply = _steps(Play(("tm4/a",), "12"), ["200 result=0 endpos=9158"])
+    assert reply == Done()
+    sent, reply = _steps(SayAddress("tm4/you-entered", "203.0.113.7", "12"),
+                         ["200 result=0 endpos=9158", "200 result=50"])
+    assert sent == ['STREAM FILE tm4/you-entered "12"', 'SAY ALPHA 203.0.113.7 "12"'] and reply == Done("2")
+    sent, reply = _steps(SayAddress("tm4/you-entered", "203.0.113.7", "12"), ["200 result=49 endpos=100"])
+    assert len(sent) == 1 and reply == Done("1"), "a key during the prefix skips the address"
+
+
+def test_a_question_whose_first_key_came_early_reads_the_rest_key_by_key() -> None:
+    assert _steps(Ask("tm4/confirm", 1, 5000, first="1"), []) == ([], Digits("1"))
+    assert _steps(Ask("tm4/confirm", 1, 5000, first="#"), []) == ([], NoInput())
+    sent, reply = _steps(Ask("tm4/enter-address", 16, 7000, first="2"),
+                         ["200 result=48", "200 result=51", "200 result=35"])
+    assert sent == ["WAIT FOR DIGIT 7000"] * 3 and reply == Digits("203")
+    sent, reply = _steps(Ask("tm4/enter-passcode", 20, 7000, first="4"), ["200 result=56", "200 result=0"])
+    assert reply == Digits("48", timed_out=True), "the timeout between keys ends it, as in GET DATA"
+    sent, reply = _steps(Ask("tm4/x", 3, 7000, first="1"), ["200 result=50", "200 result=51"])
+    assert reply == Digits("123") and len(sent) == 2, "stops at max digits"
+
+
+def test_replies_that_are_no_key_are_protocol_errors() -> None:
+    for line in ("200 result=7", "200 result=4294967345", "200 result=abc", "200 result=-49"):
+        with pytest.raises((AgiProtocolError, AgiHangup)):
+            _steps(Play(("tm4/a",), "12"), [line])
+    with pytest.raises(AgiProtocolError):
+        _steps(Ask("tm4/x", 9, 5000), ["200 result=12;rm"])
+
+
 def test_hangup_and_refusals_raise() -> None:
     with pytest.raises(AgiHangup):
         _steps(Ask("tm4/confirm", 1, 5000), ["200 result=-1"])
@@ -154,7 +187,7 @@ def test_the_classic_agi_answers_before_heavy_imports() -> None:
     import subprocess
     import sys
 
-    heavy = ("asyncio", "panoramisk", "tm4.ops.engine", "tm4.ops.control", "tm4.core.store", "sqlite3", "dns", "click")
+    heavy = ("asyncio", "panoramisk", "asterisk", "tm4.ops.engine", "tm4.ops.control", "tm4.core.store", "sqlite3", "dns", "click")
     code = ("import sys, tm4.dialin.agi, tm4.dialin.client; "
             f"print(','.join(m for m in {heavy!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
