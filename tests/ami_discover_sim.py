@@ -1,22 +1,55 @@
 """A tiny AMI peer answering what trunk discovery asks: Login, PJSIPShowEndpoints,
-PJSIPShowEndpoint, Logoff.
+PJSIPShowEndpoint, PJSIPShowRegistrationsOutbound, Logoff, for endpoints a test describes.
 
-Framing as the captures in fixtures/discover/ami/ show (Asterisk 22): the banner
-`Asterisk Call Manager/11.0.0`, CRLF lines, a blank line ends a message; a failed
-login answers `Response: Error` / `Message: Authentication failed`; a good one
-with `Events: on` is followed by FullyBooted. List actions answer as res_pjsip
-does: `Response: Success` + `EventList: start` + a Message, then events that
-carry the ActionID (ast_sip_create_ami_event), then `EndpointListComplete` /
-`EndpointDetailComplete` with `EventList: Complete` and `ListItems`.
+Every message is rendered from its real counterpart in
+tests/fixtures/asterisk-22/real2/ami/pjsip_show.raw (Asterisk 22.10.1): the same event
+types, field names and order, the same framing; only the values that describe the test's
+endpoints are put in (ObjectName, Transport, Contacts, URI, Match, Protocol, counts).
+Login answers as fixtures/discover/ami/ show (a failed one: `Message: Authentication
+failed`; `Events: off`: no FullyBooted). For the real answers themselves, byte for byte,
+see tests/ami_replay_sim.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from dataclasses import dataclass, field
 
+import ami_capture
+
 BANNER = b"Asterisk Call Manager/11.0.0\r\n"
+
+
+def _captured() -> dict[str, list[tuple[str, str]]]:
+    """One captured example of each message kind, as (field, value) pairs in wire order;
+    the static trunk prov-b's where there is one."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    cap = ami_capture.load("pjsip_show")
+    for sent, got in cap.conns["tm4"].turns():
+        action = ami_capture.action_of(sent).get("action", "")
+        for m in ami_capture.messages(got):
+            if not m.endswith(b"\r\n\r\n"):
+                continue
+            pairs = [(k, v) for k, _, v in (ln.partition(": ") for ln in m[:-4].decode().split("\r\n"))]
+            kind = pairs[0][1] if pairs[0][0] == "Event" else f"{action}:{pairs[0][1]}"
+            name = dict(pairs).get("ObjectName", "") + dict(pairs).get("EndpointName", "")
+            if kind not in out or "prov-b" in name:
+                out[kind] = pairs
+    return out
+
+
+TEMPLATES = _captured()
+
+
+def render(kind: str, **values: str | int) -> bytes:
+    """The captured message `kind` with `values` put into its fields (names as captured)."""
+    pairs = TEMPLATES[kind]
+    unknown = set(values) - {k for k, _ in pairs}
+    if unknown:
+        raise KeyError(f"{kind} has no field {sorted(unknown)} in the capture")
+    return "".join(f"{k}: {values.get(k, v)}\r\n" for k, v in pairs).encode() + b"\r\n"
 
 
 @dataclass
@@ -24,9 +57,10 @@ class SimEndpoint:
     name: str
     transport: str = ""  # transport object name ("" : none set)
     protocol: str = "udp"
-    aor_contacts: str = ""  # static contacts, comma separated, as AorDetail `Contact:` shows them
+    aor_contacts: str = ""  # static contacts, comma separated URIs
     identifies: list[tuple[str, str]] = field(default_factory=list)  # (object name, Match value)
     outbound_proxy: str = ""
+    registration: str = ""  # an outbound registration's server_uri ("" : none)
 
 
 def _msg(*pairs: tuple[str, str | int]) -> bytes:
@@ -123,6 +157,8 @@ class AmiDiscoverSim:
                         return
                 elif action == "pjsipshowendpoint":
                     writer.write(self._endpoint(aid, msg.get("endpoint", "")))
+                elif action == "pjsipshowregistrationsoutbound":
+                    writer.write(self._registrations(aid))
                 elif action == "logoff":
                     writer.write(_msg(("Response", "Goodbye"), ("ActionID", aid),
                                       ("Message", "Thanks for all the fish.")))
@@ -138,57 +174,57 @@ class AmiDiscoverSim:
     def _noise(self) -> bytes:
         if not self.noise:
             return b""
-        return _msg(("Event", "ContactStatus"), ("Privilege", "system,all"),
-                    ("URI", "sip:1001@192.0.2.200:5060"), ("ContactStatus", "Reachable"),
-                    ("AOR", "1001"), ("EndpointName", "1001"), ("RoundtripUsec", 1234))
+        return render("ContactStatus", URI="sip:1001@192.0.2.200:5060", AOR="1001", EndpointName="1001")
+
+    def _uris(self, e: SimEndpoint) -> list[str]:
+        return [u.strip() for u in e.aor_contacts.split(",") if u.strip()]
 
     def _endpoints(self, aid: str) -> bytes:
         if not self.endpoints:
+            # SYNTHESIZED (no capture of an empty list): res_pjsip's astman_send_error text
             return _msg(("Response", "Error"), ("ActionID", aid), ("Message", "No endpoints found"))
-        out = _msg(("Response", "Success"), ("ActionID", aid), ("EventList", "start"),
-                   ("Message", "A listing of Endpoints follows, presented as EndpointList events"))
+        out = render("PJSIPShowEndpoints:Success", ActionID=aid)
         for i, e in enumerate(self.endpoints.values()):
-            out += _msg(("Event", "EndpointList"), ("ActionID", aid), ("ObjectType", "endpoint"),
-                        ("ObjectName", e.name), ("Transport", e.transport), ("Aor", e.name),
-                        ("Auths", ""), ("OutboundAuths", ""), ("Contacts", ""),
-                        ("DeviceState", "Unavailable"), ("ActiveChannels", ""))
+            out += render("EndpointList", ActionID=aid, ObjectName=e.name, Transport=e.transport, Aor=e.name,
+                          Auths="", OutboundAuths="", DeviceState="Unavailable",
+                          Contacts="".join(f"{e.name}/{u}," for u in self._uris(e)))
             if i == 0:
                 out += self._noise()
-        out += _msg(("Event", "EndpointListComplete"), ("ActionID", aid), ("EventList", "Complete"),
-                    ("ListItems", len(self.endpoints)))
-        return out
+        return out + render("EndpointListComplete", ActionID=aid, ListItems=len(self.endpoints))
 
     def _endpoint(self, aid: str, name: str) -> bytes:
         e = self.endpoints.get(name)
-        if e is None:
-            return _msg(("Response", "Error"), ("ActionID", aid), ("Message", f"Unable to retrieve endpoint {name}"))
-        events = [
-            _msg(("Event", "EndpointDetail"), ("ActionID", aid), ("ObjectType", "endpoint"),
-                 ("ObjectName", e.name), ("Context", "from-pstn"), ("Disallow", ""),
-                 ("Allow", "(ulaw|alaw)"), ("DtmfMode", "rfc4733"), ("Transport", e.transport),
-                 ("OutboundProxy", e.outbound_proxy), ("Aors", e.name), ("Auth", ""),
-                 ("OutboundAuth", ""), ("DirectMedia", "false"), ("DeviceState", "Unavailable"),
-                 ("ActiveChannels", "")),
-            _msg(("Event", "AorDetail"), ("ActionID", aid), ("ObjectType", "aor"), ("ObjectName", e.name),
-                 ("MinimumExpiration", 60), ("DefaultExpiration", 3600), ("QualifyFrequency", 0),
-                 ("MaxContacts", 1), ("RemoveExisting", "false"), ("Mailboxes", ""),
-                 ("Contact", e.aor_contacts), ("TotalContacts", len([c for c in e.aor_contacts.split(",") if c])),
-                 ("ContactsRegistered", 0), ("EndpointName", e.name)),
-        ]
+        if e is None:  # as captured, with its bare LF
+            return render("PJSIPShowEndpoint:Error", ActionID=aid, Message=f"Unable to retrieve endpoint {name}\n")
+        uris = self._uris(e)
+        events = [render("EndpointDetail", ActionID=aid, ObjectName=e.name, Transport=e.transport,
+                         OutboundProxy=e.outbound_proxy, Aors=e.name, Auth="", OutboundAuth="")]
         if e.transport:
-            events.append(_msg(("Event", "TransportDetail"), ("ActionID", aid), ("ObjectType", "transport"),
-                               ("ObjectName", e.transport), ("Protocol", e.protocol),
-                               ("Bind", "0.0.0.0:5061" if e.protocol == "tls" else "0.0.0.0:5060"),
-                               ("EndpointName", e.name)))
+            events.append(render("TransportDetail", ActionID=aid, ObjectName=e.transport, Protocol=e.protocol,
+                                 Bind="0.0.0.0:5061" if e.protocol == "tls" else "0.0.0.0:5060",
+                                 EndpointName=e.name))
+        events.append(render("AorDetail", ActionID=aid, ObjectName=e.name, EndpointName=e.name,
+                             Contacts=",".join(f"{e.name}/{u}" for u in uris), TotalContacts=len(uris),
+                             ContactsRegistered=0))
+        for u in uris:
+            events.append(render("ContactStatusDetail", ActionID=aid, AOR=e.name, URI=u, EndpointName=e.name,
+                                 Status="NonQualified", RoundtripUsec="N/A", ID=f"{e.name}@@{len(u):032x}"))
         events.append(self._noise())
         for obj, match in e.identifies:
-            events.append(_msg(("Event", "IdentifyDetail"), ("ActionID", aid), ("ObjectType", "identify"),
-                               ("ObjectName", obj), ("Endpoint", e.name), ("SrvLookups", "true"),
-                               ("Match", match), ("MatchHeader", ""), ("MatchRequestUri", ""),
-                               ("EndpointName", e.name)))
+            events.append(render("IdentifyDetail", ActionID=aid, ObjectName=obj, Endpoint=e.name, Match=match,
+                                 EndpointName=e.name))
         real = [ev for ev in events if ev]
-        head = _msg(("Response", "Success"), ("ActionID", aid), ("EventList", "start"),
-                    ("Message", "Following are Events for each object associated with the Endpoint"))
-        tail = _msg(("Event", "EndpointDetailComplete"), ("ActionID", aid), ("EventList", "Complete"),
-                    ("ListItems", len([ev for ev in real if b"ContactStatus" not in ev])))
+        head = render("PJSIPShowEndpoint:Success", ActionID=aid)
+        tail = render("EndpointDetailComplete", ActionID=aid,
+                      ListItems=len([ev for ev in real if not ev.startswith(b"Event: ContactStatus\r")]))
         return head + b"".join(real) + tail
+
+    def _registrations(self, aid: str) -> bytes:
+        regs = [e for e in self.endpoints.values() if e.registration]
+        out = render("PJSIPShowRegistrationsOutbound:Success", ActionID=aid)
+        for e in regs:
+            host = re.sub(r"^sips?:", "", e.registration).split(";")[0]
+            out += render("OutboundRegistrationDetail", ActionID=aid, ObjectName=e.name, ServerUri=e.registration,
+                          ClientUri=f"sip:{e.name}@{host}", Transport=e.transport, OutboundAuth="")
+        return out + render("OutboundRegistrationDetailComplete", ActionID=aid, ListItems=len(regs),
+                            Registered=len(regs), NotRegistered=0)
