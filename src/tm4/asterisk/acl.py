@@ -1,4 +1,7 @@
-"""The whitelist as an Asterisk named ACL (`[tm4]` in acl_tm4.conf), kept in step.
+"""The whitelist as an Asterisk named ACL (`[tm4]` in acl_tm4.conf), kept in step;
+and one named ACL per PJSIP endpoint an entry serves (`[tm4-1001]`: only the
+addresses of the entries that name endpoint 1001), tied to the endpoint by an
+include tm4 owns (pjsip_tm4_endpoints.conf: `[1001](+type=endpoint)` / `acl = tm4-1001`).
 
 In Asterisk's ACLs the LAST matching rule wins and an address no rule matches is
 allowed, so the ACL denies every IPv4 and IPv6 address first and then permits the
@@ -11,18 +14,31 @@ right and the reload stays pending until AMI answers again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
+import json
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tm4.asterisk.conffile import ConfParseError, atomic_write, parse_conf, read_conf
+from tm4.asterisk.audit.inputs import AsteriskFiles
+from tm4.asterisk.audit.pbx import read_pbx
+from tm4.asterisk.conffile import (
+    ConfParseError,
+    IncludeEdit,
+    atomic_write,
+    ensure_include,
+    parse_conf,
+    read_conf,
+)
+from tm4.asterisk.confparse import read_conf as read_full
 from tm4.asterisk.reload import AmiActionError, AmiError, reload_module, run_command
 from tm4.core.config import Config
+from tm4.core.errors import ValidationError
 from tm4.core.model import Entry, IPAddress, IPNetwork, format_time, normalise_address
 from tm4.core.services import ALL, SIP_SERVICES
 from tm4.ops.engine import Core
@@ -31,6 +47,8 @@ log = logging.getLogger("tm4.asterisk")
 
 ACL_NAME = "tm4"
 ACL_FILE = "acl_tm4.conf"
+ENDPOINT_ACL_PREFIX = "tm4-"
+ENDPOINTS_FILE = "pjsip_tm4_endpoints.conf"
 ACL_SERVICES = (*SIP_SERVICES, "iax")
 PENDING_KEY = "acl_reload_pending"
 
@@ -78,18 +96,90 @@ def desired_rules(entries: Iterable[Entry], now: datetime) -> list[Rule]:
     return deny + [("permit", n) for n in acl_networks(entries, now)]
 
 
-def render_acl(entries: Iterable[Entry], now: datetime, name: str = ACL_NAME) -> str:
-    """The whole file. No timestamps: the same whitelist renders the same bytes."""
-    entries = acl_entries(list(entries), now)
+def render_acl(entries: Iterable[Entry], now: datetime, name: str = ACL_NAME,
+               tied: Iterable[str] = ()) -> str:
+    """The whole file. No timestamps: the same whitelist renders the same bytes.
+
+    After [tm4], one [tm4-<endpoint>] per endpoint an active entry serves, and per
+    endpoint in `tied` (tied to its ACL in pjsip: rendered even when nobody serves it
+    any more, then it denies everyone -- an ACL Asterisk cannot find would be a
+    warning at every reload)."""
+    every = list(entries)
+    entries = acl_entries(every, now)
     out = [_HEADER.format(services=", ".join(ACL_SERVICES), name=name).rstrip("\n"), f"[{name}]"]
-    for sense, net in desired_rules(entries, now):
+    out += _rule_lines(desired_rules(entries, now), entries)
+    per_endpoint = endpoint_entries(every, now)
+    for ep in sorted(set(per_endpoint) | set(tied)):
+        serving = per_endpoint.get(ep, [])
+        out += ["", f"; endpoint {ep}: " + (", ".join(sorted(e.name for e in serving)) or "no active entry serves it"),
+                f"[{endpoint_acl_name(ep)}]"]
+        out += _rule_lines(desired_rules(serving, now), serving)
+    return "\n".join(out) + "\n"
+
+
+def _rule_lines(rules: Sequence[Rule], entries: Sequence[Entry]) -> list[str]:
+    out = []
+    for sense, net in rules:
         line = f"{sense} = {rule_text(net)}"
         if sense == "permit":
             names = sorted({e.name for e in entries if any(_overlaps(n, net) for n in e.networks())})
             shown = ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
             line += f" ; {shown}"
         out.append(line)
+    return out
+
+
+# -- one ACL per endpoint ------------------------------------------------------------
+
+def endpoint_acl_name(endpoint: str) -> str:
+    return f"{ENDPOINT_ACL_PREFIX}{endpoint}"
+
+
+def endpoint_entries(entries: Iterable[Entry], now: datetime) -> dict[str, list[Entry]]:
+    """Endpoint -> the active entries that serve it (those granting SIP, IAX or all, as
+    for [tm4]: an entry that cannot reach Asterisk has no business in its ACLs)."""
+    out: dict[str, list[Entry]] = {}
+    for e in acl_entries(entries, now):
+        for ep in e.endpoints:
+            out.setdefault(ep, []).append(e)
+    return out
+
+
+def endpoint_rules(entries: Iterable[Entry], now: datetime, tied: Iterable[str] = ()) -> dict[str, list[Rule]]:
+    per = endpoint_entries(list(entries), now)
+    return {ep: desired_rules(per.get(ep, []), now) for ep in sorted(set(per) | set(tied))}
+
+
+def endpoints_path(config: Config) -> Path:
+    return Path(config.asterisk.config_dir) / ENDPOINTS_FILE
+
+
+_TIES_HEADER = """\
+; tm4: each endpoint below may register and call only from the addresses of the
+; entries that serve it (`tm4 add ... --endpoint NAME`, dial-in passcodes with
+; --endpoint), through the named ACL tm4-<endpoint> in acl_tm4.conf.
+; Written by `tm4 asterisk install` -- edits are overwritten. pjsip.conf includes
+; it at its END: (+type=endpoint) adds to an endpoint defined before it, and
+; Asterisk refuses the whole of pjsip.conf if that endpoint does not exist.
+"""
+
+
+def render_endpoint_ties(endpoints: Iterable[str]) -> str:
+    out = [_TIES_HEADER.rstrip("\n")]
+    for ep in sorted(set(endpoints)):
+        out += ["", f"[{ep}](+type=endpoint)", f"acl = {endpoint_acl_name(ep)}"]
     return "\n".join(out) + "\n"
+
+
+def tied_endpoints(config: Config) -> list[str]:
+    """The endpoints tm4's include ties to their ACL (none if it is absent or unreadable)."""
+    try:
+        text = endpoints_path(config).read_text(encoding="utf-8")
+        conf = parse_conf(text, ENDPOINTS_FILE)
+    except (OSError, UnicodeDecodeError, ConfParseError):
+        return []
+    return sorted({c for c in conf.categories
+                   if endpoint_acl_name(c) in conf.values(c, "acl")})
 
 
 def _overlaps(a: IPNetwork, b: IPNetwork) -> bool:
@@ -170,7 +260,7 @@ def write_acl(core: Core) -> bool:
     """Rewrite acl_tm4.conf if its content differs; True if it changed. The reload is
     marked pending in the store at the same time."""
     path = acl_path(core.config)
-    text = render_acl(core.entries(), core.clock())
+    text = render_acl(core.entries(), core.clock(), tied=tied_endpoints(core.config))
     try:
         current = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -211,6 +301,7 @@ async def sync_acl_async(core: Core, *, timeout: float = 5.0) -> AclSync:
     nothing until `tm4 asterisk install` created the file."""
     if not acl_path(core.config).exists():
         return AclSync(installed=False)
+    prune_ties(core)
     changed = write_acl(core)
     res = await flush_pending(core, timeout=timeout)
     res.changed = changed
@@ -237,11 +328,14 @@ class AclStatus:
     asterisk_current: bool | None = None
     asterisk_note: str = ""
     rendered_rules: list[str] = field(default_factory=list)
+    # per endpoint ACL: {endpoint, acl, tied, rendered_rules, asterisk_rules, asterisk_current}
+    endpoints: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return (self.exists and self.current and bool(self.include) and not self.pending
-                and self.asterisk_current is not False)
+                and self.asterisk_current is not False
+                and all(e["asterisk_current"] is not False for e in self.endpoints if e["tied"]))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -250,7 +344,7 @@ class AclStatus:
             "reload_pending": self.pending, "ami": self.ami,
             "asterisk_rules": self.asterisk_rules, "asterisk_current": self.asterisk_current,
             "asterisk_note": self.asterisk_note or None, "rendered_rules": self.rendered_rules,
-            "ok": self.ok,
+            "endpoints": self.endpoints, "ok": self.ok,
         }
 
 
@@ -263,14 +357,19 @@ async def acl_status(core: Core, *, timeout: float = 5.0) -> AclStatus:
     path = acl_path(cfg)
     entries = core.entries()
     now = core.clock()
-    text = render_acl(entries, now)
+    tied = tied_endpoints(cfg)
+    text = render_acl(entries, now, tied=tied)
     want = desired_rules(entries, now)
+    per_endpoint = endpoint_rules(entries, now, tied)
     try:
         current_text: str | None = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         current_text = None
     st = AclStatus(str(path), current_text is not None, current_text == text, None,
-                   pending=reload_pending(core), rendered_rules=_fmt(want))
+                   pending=reload_pending(core), rendered_rules=_fmt(want),
+                   endpoints=[{"endpoint": ep, "acl": endpoint_acl_name(ep), "tied": ep in tied,
+                               "rendered_rules": _fmt(rules), "asterisk_rules": None,
+                               "asterisk_current": None} for ep, rules in per_endpoint.items()])
     main = path.parent / "acl.conf"
     if main.exists():
         try:
@@ -300,9 +399,184 @@ async def acl_status(core: Core, *, timeout: float = 5.0) -> AclStatus:
     st.asterisk_current = got == want
     if not st.asterisk_current:
         st.asterisk_note = "Asterisk's loaded ACL differs from what tm4 rendered"
+    for ep in st.endpoints:
+        try:
+            shown = parse_acl_show(await run_command(cfg.ami, f"acl show {ep['acl']}", timeout=timeout))
+        except AmiError:
+            continue
+        ep["asterisk_rules"] = _fmt(shown) if shown is not None else []
+        ep["asterisk_current"] = shown is not None and _fmt(shown) == ep["rendered_rules"]
     return st
 
 
 def _owner(d: Path) -> tuple[int, int]:
     s = d.stat()
     return s.st_uid, s.st_gid
+
+
+# -- tying endpoints to their ACL (tm4 asterisk install) ------------------------------
+
+@dataclass(frozen=True)
+class EndpointCandidate:
+    endpoint: str
+    offered: bool
+    reason: str  # why not, when not offered
+    tied: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"endpoint": self.endpoint, "offered": self.offered, "reason": self.reason or None,
+                "tied": self.tied}
+
+
+def endpoints_named(core: Core) -> set[str]:
+    """Endpoints an entry or a dial-in passcode names (the passcodes' grants will)."""
+    named = {ep for e in core.entries() for ep in e.endpoints}
+    for row in core.store.rows("SELECT endpoints FROM passcodes"):
+        with contextlib.suppress(ValueError, TypeError):
+            named.update(x for x in json.loads(row[0] or "[]") if isinstance(x, str))
+    return named
+
+
+def _pjsip_endpoints(config: Config) -> dict[str, str]:
+    """PJSIP endpoint name -> its kind (phone, trunk, anonymous, other), as pjsip.conf
+    defines them (with its includes, tm4's ties left out)."""
+    path = Path(config.asterisk.config_dir) / "pjsip.conf"
+    conf = read_full(path, path.parent)
+    conf.sections = [s for s in conf.sections if not s.where.startswith(f"{ENDPOINTS_FILE}:")]
+    pbx = read_pbx(AsteriskFiles(confs={"pjsip.conf": conf}))
+    return {e.name: e.kind for e in pbx.endpoints}
+
+
+def endpoint_candidates(core: Core) -> list[EndpointCandidate]:
+    """Each endpoint an entry or passcode names, and whether tm4 may tie it to its ACL:
+    only phones defined in pjsip.conf -- never trunks, never the anonymous endpoint."""
+    kinds = _pjsip_endpoints(core.config)
+    tied = set(tied_endpoints(core.config))
+    out = []
+    for ep in sorted(endpoints_named(core) | tied):
+        kind = kinds.get(ep)
+        if kind is None:
+            why = "not a type=endpoint section of pjsip.conf (wizard endpoints are not supported)"
+        elif kind == "trunk":
+            why = "a trunk: providers are whitelisted by address, not by endpoint"
+        elif kind == "anonymous":
+            why = "the anonymous endpoint: it serves callers nobody knows"
+        else:
+            why = ""
+        out.append(EndpointCandidate(ep, not why, why, ep in tied))
+    return out
+
+
+@dataclass
+class EndpointTies:
+    endpoints: list[str]
+    file: Path
+    changed: bool
+    include: IncludeEdit | None = None
+    reload: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"endpoints": self.endpoints, "file": str(self.file), "changed": self.changed,
+                "include_added": bool(self.include and self.include.changed), "reload": self.reload or None}
+
+
+def write_ties(core: Core, endpoints: Iterable[str]) -> EndpointTies:
+    """Tie `endpoints` to their ACL: rewrite pjsip_tm4_endpoints.conf and #include it at
+    the end of pjsip.conf. Refuses an endpoint that is not offered (ValidationError)."""
+    cfg = core.config
+    offered = {c.endpoint for c in endpoint_candidates(core) if c.offered}
+    want = sorted(set(endpoints))
+    refused = [ep for ep in want if ep not in offered]
+    if refused:
+        raise ValidationError(f"cannot tie {', '.join(refused)} to an endpoint ACL: only PJSIP phones that an "
+                              "entry or passcode names (see `tm4 asterisk install`)")
+    path = endpoints_path(cfg)
+    text = render_endpoint_ties(want)
+    try:
+        before: str | None = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        before = None
+    changed = before != text
+    if changed:
+        atomic_write(path, text, like=path.parent / "pjsip.conf", mode=0o640, owner=_owner(path.parent))
+    inc = None
+    if want or before is not None:
+        inc = ensure_include(path.parent / "pjsip.conf", ENDPOINTS_FILE,
+                             comment="tm4: endpoints that register only from their owners' addresses "
+                                     "(tm4 asterisk install); keep this line LAST")
+    if changed or (inc and inc.changed):
+        write_acl(core)  # the [tm4-<endpoint>] sections must exist before pjsip references them
+        core.store.set_meta(PENDING_KEY, format_time(core.clock()))
+    return EndpointTies(want, path, changed, inc)
+
+
+def prune_ties(core: Core) -> list[str]:
+    """Untie endpoints pjsip.conf no longer defines as phones: Asterisk refuses the whole
+    pjsip.conf when a `(+type=endpoint)` section adds to an endpoint that is gone."""
+    tied = tied_endpoints(core.config)
+    if not tied:
+        return []
+    try:
+        kinds = _pjsip_endpoints(core.config)
+    except OSError:
+        return []
+    gone = [ep for ep in tied if kinds.get(ep) not in ("phone", "other")]
+    if gone:
+        keep = [ep for ep in tied if ep not in gone]
+        path = endpoints_path(core.config)
+        atomic_write(path, render_endpoint_ties(keep))
+        log.warning("event=endpoint_acl_untied endpoints=%s reason='no longer a phone in pjsip.conf'",
+                    ",".join(gone))
+    return gone
+
+
+Chooser = Callable[[list[EndpointCandidate]], Sequence[str]]
+
+
+@dataclass
+class EndpointOffer:
+    """What `tm4 asterisk install` offered per endpoint, and what it tied."""
+
+    candidates: list[EndpointCandidate] = field(default_factory=list)
+    ties: EndpointTies | None = None
+    warning: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"candidates": [c.to_json() for c in self.candidates],
+                "ties": self.ties.to_json() if self.ties else None, "warning": self.warning or None}
+
+    def lines(self) -> list[str]:
+        out = []
+        for c in self.candidates:
+            state = "tied (acl=" + endpoint_acl_name(c.endpoint) + ")" if c.endpoint in (
+                self.ties.endpoints if self.ties else ([c.endpoint] if c.tied else [])) else (
+                "not tied" if c.offered else f"not offered: {c.reason}")
+            out.append(f"endpoint ACL:  {c.endpoint}: {state}")
+        if self.ties is not None and self.ties.reload:
+            out.append(f"pjsip:         {self.ties.reload}")
+        if self.warning:
+            out.append(f"warning:       {self.warning}")
+        return out
+
+
+async def offer_endpoint_acls(core: Core, choose: Chooser | None, *, timeout: float = 5.0) -> EndpointOffer:
+    """Offer each candidate endpoint to `choose` (None: offer nothing, keep the ties as
+    they are); tie the chosen ones, then reload res_pjsip so pjsip.conf's new include
+    is read (the named ACLs themselves follow with `module reload acl`)."""
+    offer = EndpointOffer()
+    if not (Path(core.config.asterisk.config_dir) / "pjsip.conf").exists():
+        return offer
+    offer.candidates = endpoint_candidates(core)
+    if choose is None:
+        return offer
+    chosen = list(choose([c for c in offer.candidates if c.offered]))
+    ties = write_ties(core, chosen)
+    offer.ties = ties
+    if ties.changed or (ties.include and ties.include.changed):
+        await flush_pending(core, timeout=timeout)  # [tm4-<endpoint>] loaded before pjsip refers to it
+        try:
+            await reload_module(core.config.ami, "res_pjsip.so", timeout=timeout)
+            ties.reload = "reloaded (Module: res_pjsip.so)"
+        except AmiError as exc:
+            ties.reload = f"NOT reloaded ({exc}): run  asterisk -rx \"module reload res_pjsip.so\""
+    return offer

@@ -16,8 +16,11 @@ from tm4.asterisk.acl import (
     ACL_NAME,
     PENDING_KEY,
     AclSync,
+    Chooser,
+    EndpointOffer,
     acl_path,
     flush_pending,
+    offer_endpoint_acls,
     write_acl,
 )
 from tm4.asterisk.amiuser import ManagerUser, ami_enabled, ensure_manager_user
@@ -53,6 +56,7 @@ class InstallReport:
     ami_login: str = ""
     acl: AclSync | None = None
     warnings: list[str] = field(default_factory=list)
+    endpoint_acls: EndpointOffer | None = None
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -63,6 +67,7 @@ class InstallReport:
             "manager_where": str(self.manager.where) if self.manager.where else None,
             "manager_reload": self.manager_reload or None, "ami_login": self.ami_login,
             "acl_reload": self.acl.to_json() if self.acl else None, "warnings": self.warnings,
+            "endpoint_acls": self.endpoint_acls.to_json() if self.endpoint_acls else None,
             "usage": USAGE.format(name=ACL_NAME).splitlines(),
         }
 
@@ -97,6 +102,7 @@ class InstallReport:
             else:
                 out.append("ACL reload:    not needed")
         out += [f"warning:       {w}" for w in self.warnings]
+        out += self.endpoint_acls.lines() if self.endpoint_acls else []
         out.append("")
         out += USAGE.format(name=ACL_NAME).splitlines()
         return out
@@ -121,7 +127,8 @@ tm4 keeps the ACL's addresses current and reloads it over AMI when they change."
 
 
 async def install_async(core: Core, toml_path: Path, *, rx: Rx = asterisk_rx,
-                        timeout: float = 5.0, dirs: AsteriskDirs | None = None) -> InstallReport:
+                        timeout: float = 5.0, dirs: AsteriskDirs | None = None,
+                        endpoint_acls: Chooser | None = None) -> InstallReport:
     """`dirs`: Asterisk's directories from its asterisk.conf (`--asterisk PATH`); by default
     [asterisk] config_dir is astetcdir."""
     cfg = core.config
@@ -164,6 +171,7 @@ async def install_async(core: Core, toml_path: Path, *, rx: Rx = asterisk_rx,
         report.manager_reload = await _reload_manager(old, rx, timeout)
     report.ami_login = await _try_login(cfg.ami, timeout)
     report.acl = await flush_pending(core, timeout=timeout)
+    report.endpoint_acls = await offer_endpoint_acls(core, endpoint_acls, timeout=timeout)
     return report
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import click
 
@@ -25,15 +26,21 @@ def asterisk() -> None:
 @click.option("--asterisk", "asterisk_conf", default=None, metavar="PATH",
               help="Asterisk's asterisk.conf or its directory (astetcdir is read from it; "
                    "default: [asterisk] config_dir)")
+@click.option("--endpoint-acl", "endpoint_acls", multiple=True, metavar="ENDPOINT",
+              help="tie this PJSIP endpoint to its own ACL tm4-ENDPOINT (repeatable; default: ask per endpoint)")
+@click.option("--all-endpoint-acls", is_flag=True, help="tie every endpoint offered, without asking")
 @json_option
 @pass_ctx
-def install(ctx: Ctx, asterisk_conf: str | None, as_json: bool) -> None:
-    """Write acl_tm4.conf, #include it from acl.conf, create tm4's AMI user."""
+def install(ctx: Ctx, asterisk_conf: str | None, endpoint_acls: tuple[str, ...], all_endpoint_acls: bool,
+            as_json: bool) -> None:
+    """Write acl_tm4.conf, #include it from acl.conf, create tm4's AMI user; offer each
+    PJSIP phone an entry names (--endpoint) its own ACL."""
     from tm4.asterisk.dirs import asterisk_dirs
 
     toml = ctx.config.path or config_path(ctx.config_path)
     dirs = asterisk_dirs(asterisk_conf) if asterisk_conf else None
-    report = asyncio.run(install_async(ctx.core, toml, dirs=dirs))
+    report = asyncio.run(install_async(ctx.core, toml, dirs=dirs,
+                                       endpoint_acls=_endpoint_chooser(endpoint_acls, all_endpoint_acls)))
     if as_json:
         echo_json(report.to_json())
     else:
@@ -62,6 +69,10 @@ def status(ctx: Ctx, as_json: bool) -> None:
         if st.asterisk_rules is not None and not st.asterisk_current:
             click.echo("rendered:  " + "; ".join(st.rendered_rules))
             click.echo("Asterisk:  " + "; ".join(st.asterisk_rules))
+        for ep in st.endpoints:
+            loaded = {True: "same as rendered", False: "DIFFERS", None: "unknown"}[ep["asterisk_current"]]
+            click.echo(f"endpoint {ep['endpoint']}:   acl={ep['acl']} {'tied' if ep['tied'] else 'NOT tied'};"
+                       f" Asterisk: {loaded}; rendered: {'; '.join(ep['rendered_rules'])}")
     if not st.ok:
         ctx_exit(1)
 
@@ -88,6 +99,25 @@ def sync(ctx: Ctx, as_json: bool) -> None:
     click.echo(("written" if res.changed else "already current")
                + ("; reloaded" if res.reloaded else "")
                + (f"; reload pending ({res.error})" if res.pending else ""))
+
+
+def _endpoint_chooser(named: tuple[str, ...], everything: bool) -> Any:
+    """Which offered endpoints to tie: those named, all, or (on a terminal) asked one by one;
+    None (no terminal, nothing named) keeps the ties as they are."""
+    import sys
+
+    if named:
+        return lambda offered: list(named)
+    if everything:
+        return lambda offered: [c.endpoint for c in offered]
+    if not sys.stdin.isatty():
+        return None
+
+    def ask(offered: list[Any]) -> list[str]:
+        return [c.endpoint for c in offered
+                if click.confirm(f"endpoint {c.endpoint}: register only from the addresses of the entries "
+                                 f"that serve it (acl=tm4-{c.endpoint})?", default=True)]
+    return ask
 
 
 def ctx_exit(code: int) -> None:

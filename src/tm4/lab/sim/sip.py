@@ -11,6 +11,10 @@ after a right one) and raises the matching security events:
 - known user, no credentials:    ChallengeSent
 - known user, wrong digest:      ChallengeResponseFailed
 - known user, right digest:      SuccessfulAuth (UsingPassword: 1)
+- known user, source refused by its endpoint ACL (`endpoint_acl(user, src)` False):
+  FailedACL (ACLName: not_match_endpoint_acl) + ChallengeSent, or with credentials
+  FailedACL + ChallengeResponseFailed, both for AccountID <unknown>, and 401 either
+  way (res_pjsip swaps in its artificial endpoint: acl_behaviour.txt, ami_tm4_acl)
 """
 
 from __future__ import annotations
@@ -104,6 +108,8 @@ class ChanPjsip:
     def __init__(self, users: dict[str, str], local_ip: str, port: int,
                  emit: Callable[[bytes], Any] | None):
         self.users, self.local_ip, self.port, self.emit = users, local_ip, port, emit
+        # (endpoint, source address) -> may it be that endpoint? None: no endpoint ACLs
+        self.endpoint_acl: Callable[[str, str], bool] | None = None
 
     # -- hooks ---------------------------------------------------------------------------
     def local_address(self, src: str) -> str:
@@ -144,6 +150,16 @@ class ChanPjsip:
             self.event("InvalidAccountID", AccountID=user, **common)
             self.unknown_user(method, h, peer, now)
         auth = h.get("authorization", "")
+        if known and self.endpoint_acl is not None and not self.endpoint_acl(user, src):
+            self.event("FailedACL", AccountID=user, ACLName="not_match_endpoint_acl", **common)
+            if not auth:
+                self.event("ChallengeSent", AccountID="<unknown>", Challenge="", **common)
+            else:
+                kv = digest_params(auth)
+                self.digest_failed(method, h, peer, now, False)
+                self.event("ChallengeResponseFailed", AccountID="<unknown>", Challenge=kv.get("nonce", ""),
+                           Response=kv.get("response", ""), ExpectedResponse="", **common)
+            return challenge(h, peer)
         if not auth:
             self.event("ChallengeSent", AccountID=user if known else "<unknown>", Challenge="", **common)
             return challenge(h, peer)
