@@ -7,28 +7,29 @@ tm4d, then `tm4 uninstall --root` leaving nothing behind.
 
 from __future__ import annotations
 
-import grp
-import os
-import pwd
 import shutil
 import subprocess
-import sys
-import sysconfig
 import tempfile
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from agisim import Caller, Channel, Line, run_stdio
-from conftest import FIXTURES, need_root_tools
+from conftest import need_root_tools
 from daemon_support import Tm4d
 from dialin_support import add_passcode
+from install_support import (
+    REAL2,
+    REPO,
+    SYSTEM_PYTHON,
+    AsteriskUser,
+    Installed,
+    as_asterisk,
+    wheel_venv,
+)
 from netlab import Lab
 
-REPO = Path(__file__).resolve().parents[2]
-REAL2 = FIXTURES / "asterisk-22" / "real2"
 CODE = "48213977"
 FIRST_COMMAND_MS = 150.0
 # What the wheel must carry, and where each lives in the checkout (its one copy).
@@ -39,81 +40,15 @@ SHIPPED = {"agi-bin/tm4-dialin.agi": "agi-bin/tm4-dialin.agi",
            "tm4.toml.example": "etc/tm4.toml.example"}
 
 
-def asterisk_env() -> dict[str, str]:
-    """The environment a classic AGI gets from Asterisk 22 (real2/agi/classic_env.txt);
-    PWD is dash's own addition, not Asterisk's."""
-    text = (REAL2 / "agi" / "classic_env.txt").read_text()
-    block = text.split("== env (unsorted, as received)\n", 1)[1].split("\n== ", 1)[0]
-    env = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
-    env.pop("PWD", None)
-    assert env["PATH"] and env["AST_AGI_DIR"] == "/var/lib/asterisk/agi-bin", env
-    return env
-
-
-class AsteriskUser:
-    """A throw-away non-root user in a throw-away group, like Asterisk's own."""
-
-    def __init__(self) -> None:
-        tag = f"{os.getpid() % 100000}"
-        self.group, self.user = f"tm4inst-ast{tag}", f"tm4inst-u{tag}"
-        subprocess.run(["groupadd", self.group], check=True)
-        subprocess.run(["useradd", "-M", "-N", "-g", self.group, "-s", "/usr/sbin/nologin", self.user],
-                       check=True)
-        self.uid, self.gid = pwd.getpwnam(self.user).pw_uid, grp.getgrnam(self.group).gr_gid
-
-    def close(self) -> None:
-        subprocess.run(["userdel", self.user], check=False, capture_output=True)
-        subprocess.run(["groupdel", self.group], check=False, capture_output=True)
-
-
-@dataclass
-class Installed:
-    base: Path  # world-readable: Asterisk's user walks through it
-    wheel: Path
-    venv: Path
-
-    def tm4(self, *args: str, config: Path) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(self.venv / "bin" / "tm4"), "--config", str(config), *args], cwd="/",
-                              capture_output=True, text=True, timeout=60,
-                              env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "TM4_NO_SSH_PROTECT": "1"})
-
-
 @pytest.fixture(scope="module")
 def installed() -> Iterator[Installed]:
-    """The wheel from a copy of the checkout (the build writes build/ and *.egg-info), in a
-    venv made by Debian's python3 (root's own interpreter may sit where no other user can
-    reach). tm4's dependencies come from the checkout's venv through a .pth line: the
-    registry is not needed, and tm4 itself can only come from the wheel."""
     need_root_tools("make", "setpriv", "useradd")
-    system_python = "/usr/bin/python3"
-    if not Path(system_python).exists():
-        pytest.fail("Debian's python3 is missing")
+    if not Path(SYSTEM_PYTHON).exists():
+        pytest.fail("Debian's python3 is missing (package python3-venv)")
     base = Path(tempfile.mkdtemp(prefix="tm4inst", dir="/tmp"))
     base.chmod(0o755)
     try:
-        src = base / "checkout"
-        src.mkdir()
-        for name in ("pyproject.toml", "Makefile", "agi-bin", "dialplan", "sounds", "systemd", "etc", "src"):
-            p = REPO / name
-            if p.is_dir():
-                shutil.copytree(p, src / name, symlinks=True,
-                                ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-            else:
-                shutil.copy2(p, src / name)
-        subprocess.run(["make", "-s", "dist", f"PY={sys.executable}"], cwd=src, check=True,
-                       capture_output=True, timeout=120)
-        (built,) = (src / "dist").glob("tm4-*.whl")
-        wheel = base / built.name
-        built.rename(wheel)
-        venv = base / "venv"
-        subprocess.run([system_python, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
-        subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
-                        "--no-index", "--no-deps", str(wheel)], check=True, timeout=120)
-        site = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-        (Path(site) / "tm4-test-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-        shutil.rmtree(src)  # nothing may point into a checkout any more
-        yield Installed(base, wheel, venv)
+        yield wheel_venv(base)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -171,10 +106,7 @@ def test_installed_launcher_completes_a_dial_in_as_asterisk_starts_it(
 
         # Asterisk: exec of the file (its #!), cwd /, Asterisk's environment and nothing else,
         # as its own non-root user; argv[0] the script's path, then the AGI() arguments.
-        env = asterisk_env()
-        user = asterisk_user
-        argv = ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", f"--groups={user.gid}", "--",
-                "env", "-i", "-C", "/", *(f"{k}={v}" for k, v in env.items()), str(launcher), str(d.socket)]
+        argv = as_asterisk(asterisk_user, launcher, str(d.socket))
         ch = Channel(Line(), Caller(keys=[CODE + "#", "203*0*113*7#", "1"]), args=[str(d.socket)],
                      sounds=prompts)
         run = run_stdio(argv, ch, env={}, timeout=30)
