@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import logging
 import time
@@ -168,6 +169,35 @@ async def _run_blocklists(d: Daemon, mod: Any) -> None:
         await asyncio.sleep(BLOCKLIST_INTERVAL)
 
 
+def _fail2ban_wanted(cfg: Config) -> bool:
+    # The host's fail2ban belongs to a tm4 guarding the host, not to one that manages
+    # a network namespace (the lab, tests).
+    from tm4.sources.fail2ban import Fail2ban
+
+    return not cfg.firewall.netns and Fail2ban().installed()
+
+
+async def _run_fail2ban(d: Daemon, mod: Any) -> None:
+    # Debounced: one drop-in write and jail reload once the whitelist has been still.
+    # Only while fail2ban runs (it reads the drop-in when it starts); stopped, it is
+    # looked at again every 30 s.
+    f2b, settle, probe = mod.Fail2ban(), mod.Debounce(), 0.0
+    while True:
+        addrs = mod.ignore_list(d.core.entries(), d.core.clock())
+        key, now = mod.digest(addrs), time.monotonic()
+        if settle.ready(key, now) and now >= probe:
+            res = await asyncio.to_thread(functools.partial(mod.push, f2b, addrs, only_if_running=True))
+            if res is None:
+                probe = now + 30.0
+                await asyncio.sleep(1.0)
+                continue
+            settle.done(key)
+            if res.written:
+                log.info("event=fail2ban_sync addresses=%d reloaded=%s failed=%s", res.addresses,
+                         ",".join(res.reloaded), ",".join(res.failed))
+        await asyncio.sleep(1.0)
+
+
 def default_components() -> list[Component]:
     return [
         Component("guard", "tm4.guard.runtime", _run_guard, ("ami", "guard", "firewall"),
@@ -178,4 +208,6 @@ def default_components() -> list[Component]:
         Component("knock", "tm4.knock.sequence", _run_knock, ("knock",),
                   wanted=lambda cfg: cfg.knock.enabled and cfg.knock.activate),
         Component("blocklists", "tm4.sources.blocklists", _run_blocklists),
+        Component("fail2ban", "tm4.sources.fail2ban", _run_fail2ban,
+                  wanted=_fail2ban_wanted),
     ]

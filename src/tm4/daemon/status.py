@@ -41,6 +41,9 @@ def gather_status(core: Core) -> dict[str, Any]:
     from tm4.daemon.main import status_extra
 
     st["extra"].update(status_extra(core))
+    from tm4.sources.fail2ban import status_lines
+
+    st["extra"].update(status_lines(core))
     guard = _guard_status(core)
     if guard is not None:
         st["guard"] = guard

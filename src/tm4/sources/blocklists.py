@@ -31,7 +31,7 @@ from tm4.sources import fetch as fetch_mod
 if TYPE_CHECKING:
     from tm4.ops.engine import Core
 
-NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,23}")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,19}")
 MAX_NETWORKS = 500_000
 DEFAULT_REFRESH = "6h"
 MIN_REFRESH = timedelta(minutes=5)
@@ -39,7 +39,7 @@ MIN_REFRESH = timedelta(minutes=5)
 
 def validate_list_name(name: str) -> str:
     if not NAME_RE.fullmatch(name or ""):
-        raise ValidationError(f"bad blocklist name {name!r}: use 1-24 of a-z 0-9 - starting with a letter or digit")
+        raise ValidationError(f"bad blocklist name {name!r}: use 1-20 of a-z 0-9 - starting with a letter or digit")
     return name
 
 
