@@ -339,14 +339,17 @@ BROKEN = {
     "a cut usage block": ENV + b"200 result=0\n520-Invalid command syntax.  Proper usage follows:\n",
     "bytes that are not text": ENV + b"200 result=0\n\xff\xfe\xfd\n",
     "a huge line": ENV + b"200 result=0\n" + b"9" * 200_000 + b"\n",
-    "a key code that is no key": ENV + b"200 result=0\n200 result=48213977\n200 result=0\n200 result=7\n",
+    "a key code that is no key": ENV + b"200 result=0\n200 result=48213977\n200 result=7 endpos=100\n",
 }
 
 
 @pytest.mark.parametrize("case", list(BROKEN))
 def test_the_classic_script_ends_cleanly(case: str, tmp_path: Path) -> None:
+    from dialin_support import write_config
+
+    # tm4d down and root: the script falls back to the core, on this test's own config and store
     env = {"PATH": "/usr/bin:/bin", "HOME": "/root", "LANG": "C.UTF-8",
-           "TM4_SOCKET": str(tmp_path / "no-tm4d.sock")}
+           "TM4_CONFIG": str(write_config(tmp_path)), "TM4_NO_SSH_PROTECT": "1", "TM4_NFT_SUBPROCESS": "1"}
     r = subprocess.run([python(), SCRIPT, str(tmp_path / "no-tm4d.sock")], input=BROKEN[case],
                        capture_output=True, timeout=30, env=env, cwd="/")
     err = r.stderr.decode()
