@@ -61,7 +61,8 @@ log = logging.getLogger("tm4.core")
 Clock = Callable[[], datetime]
 # Modules that contribute rule fragments (knock stages, ...): each has
 # `ruleset_extra(config, store) -> Ruleset | None`.
-RULESET_EXTRA_MODULES = ("tm4.knock.sequence", "tm4.ops.safemode", "tm4.sources.blocklists")
+RULESET_EXTRA_MODULES = ("tm4.knock.sequence", "tm4.ops.safemode", "tm4.sources.blocklists",
+                         "tm4.admission.sip")
 
 
 class Core:
