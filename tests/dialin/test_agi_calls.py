@@ -219,7 +219,7 @@ def test_hangup_at_every_step(rig2: Rig, at: int) -> None:
 
 
 def test_classic_without_sighup_ends_on_511(tmp_path: Path) -> None:
-    """Set(AGISIGHUP=no): no signal; only -1, then 511 (pyst2's AGIUnknownError) tell of the hang-up."""
+    """Set(AGISIGHUP=no): no signal; only -1, then 511 tell of the hang-up."""
     with rig_for("classic-socket", tmp_path) as rig:
         ch = rig.call(Caller(keys=list(HAPPY), hangup_on="SAY ALPHA", sighup=False))
         assert ch.commands[-1] == 'SAY ALPHA 203.0.113.7 "12"' or ch.commands[-1].startswith("VERBOSE")
