@@ -47,14 +47,15 @@ dist:
 # Debian's python3: Asterisk's user must be able to run the venv's interpreter.
 PREFIX ?= /opt/tm4
 SYSTEM_PYTHON ?= /usr/bin/python3
+DESTDIR ?= /
 install: wheel
 	test -x $(PREFIX)/bin/python || $(SYSTEM_PYTHON) -m venv $(PREFIX)
 	$(PREFIX)/bin/pip install -q dist/tm4-*.whl
 	$(PREFIX)/bin/pip install -q --force-reinstall --no-deps dist/tm4-*.whl
-	$(PREFIX)/bin/tm4 install
+	$(PREFIX)/bin/tm4 install --root $(DESTDIR)
 
 uninstall:
-	$(PREFIX)/bin/tm4 uninstall
+	$(PREFIX)/bin/tm4 uninstall --root $(DESTDIR)
 
 clean:
 	rm -rf .venv build dist *.egg-info src/*.egg-info .pytest_cache

@@ -37,11 +37,24 @@ def _systemd(root: str, no_enable: bool) -> bool:
     return root == "/" and not no_enable and Path("/run/systemd/system").is_dir()
 
 
-def _show(res: dict[str, list[str]], verbose_unchanged: bool = False) -> None:
+def _show(res: dict[str, list[str]], root: str) -> None:
+    """One line per file, the prompts counted per directory; paths as laid out (under --root)."""
+    from tm4.daemon.deploy import under
+
+    def where(path: str) -> str:
+        return path if root == "/" else str(under(root, path))
+
     for word, key in (("wrote", "written"), ("removed", "removed"), ("kept", "kept"),
                       ("removed directory", "dirs_removed")):
+        sounds: dict[str, int] = {}
         for path in res[key]:
-            click.echo(f"{word} {path}")
+            if path.endswith((".wav", ".gsm")):
+                parent = where(str(Path(path).parent))
+                sounds[parent] = sounds.get(parent, 0) + 1
+            else:
+                click.echo(f"{word} {where(path)}")
+        for parent, n in sounds.items():
+            click.echo(f"{word} {n} prompt file(s) in {parent}/")
     if res["unchanged"]:
         click.echo(f"{len(res['unchanged'])} file(s) already current")
 
@@ -96,9 +109,10 @@ def install_cmd(ctx: Ctx, root: str, asterisk_conf: str | None, python: str | No
         echo_json({**res.to_json(), "asterisk": dirs.to_json(), "python": host.python,
                    "tm4d": host.tm4d, "enabled": enabled})
         return
-    _show(res.to_json())  # type: ignore[arg-type]
-    click.echo(f"Asterisk: etc {dirs.etc}, agi-bin {dirs.agi}, sounds {dirs.sounds} "
-               f"(from {dirs.config_file})")
+    _show(res.to_json(), root)  # type: ignore[arg-type]
+    source = (f"from {dirs.config_file}" if dirs.config_file.is_file()
+              else f"no {dirs.config_file}: Asterisk's defaults")
+    click.echo(f"Asterisk: etc {dirs.etc}, agi-bin {dirs.agi}, sounds {dirs.sounds} ({source})")
     for w in res.warnings:
         click.echo(f"warning: {w}")
     click.echo("enabled tm4-boot.service and tm4d.service" if enabled else
@@ -126,6 +140,6 @@ def uninstall_cmd(ctx: Ctx, root: str, no_disable: bool, as_json: bool) -> None:
     if as_json:
         echo_json(res.to_json())
         return
-    _show(res.to_json())  # type: ignore[arg-type]
+    _show(res.to_json(), root)  # type: ignore[arg-type]
     if res.kept:
         click.echo("kept files were changed after install (or are the admin's): remove them by hand")
