@@ -16,6 +16,8 @@ from daemon_support import Tm4d
 from netlab import Lab
 from store_trouble import fill, poison, small_tmpfs
 
+from tm4.core.errors import NeverSourceError
+
 NS: list[str] = []  # the namespace the CLI runs in (as tm4d does): never the host's kernel
 
 
@@ -61,6 +63,10 @@ def test_a_poisoned_store_never_takes_tm4_down(lab: Lab, tmp_path: Path) -> None
         assert "192.0.2.0/24" in d.nft("list", "set", "inet", "tm4", "wl4n_sip_udp")
         assert [b["address"] for b in d.call("bans")] == ["203.0.113.9"]
         assert len(d.call("quarantine")) == 7
+        for addr in ("239.255.255.250", "ff02::/64"):  # the control socket meets the same rule
+            with pytest.raises(NeverSourceError, match="never be the source"):
+                d.call("block", address=addr, force=True)
+        assert len(d.call("bans")) == 1 and d.alive()
         d.stop()
         poison(d.state / "tm4.db")  # again: now `tm4d --boot` meets them first
         p = boot(lab, cfg)

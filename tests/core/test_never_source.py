@@ -13,12 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tm4.core.config import parse_config
-from tm4.core.errors import ValidationError
+from tm4.core.errors import NeverSourceError, ValidationError
 from tm4.core.model import (
     NEVER_SOURCE,
     Ban,
     Entry,
-    NeverSourceError,
     Source,
     check_source,
     never_source_reason,

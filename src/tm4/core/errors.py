@@ -13,6 +13,11 @@ class ValidationError(Tm4Error):
     """An input (address, name, service, duration, DTMF...) was refused."""
 
 
+class NeverSourceError(ValidationError):
+    """An address no packet the kernel sees can come from (multicast, broadcast,
+    unspecified...): never banned or granted (tm4.core.model.never_source_reason)."""
+
+
 class ConflictError(Tm4Error):
     """The operation clashes with what exists (duplicate name, whitelisted ban...)."""
 

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from tm4.core.errors import ValidationError
+from tm4.core.errors import NeverSourceError, ValidationError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -95,11 +95,6 @@ def normalise_address(addr: IPAddress) -> IPAddress:
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         return addr.ipv4_mapped
     return addr
-
-
-class NeverSourceError(ValidationError):
-    """An address no packet the kernel sees can come from: banning or granting it
-    means nothing, and readers would refuse it back from the store."""
 
 
 # Where no packet arriving at this host can come from: the rule for every ban and every
