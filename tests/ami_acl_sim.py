@@ -12,7 +12,13 @@ real Asterisk 22.10.1 in tests/fixtures/ami_acl/ (see the README there).
   acl.conf (following #include) and `Module: manager` re-reads manager.conf users;
 - permissions as manager.c checks them: Command needs write=command, Reload
   write=system or config; otherwise `Message: Permission denied`;
-- Logoff answers Goodbye and closes.
+- Logoff answers Goodbye and closes;
+- `ListCommands` answers with the list captured for tm4's least-privilege user
+  (real2/ami/pjsip_show: write=system); for a user with write=command the `Command`
+  line is added (SYNTHESIZED: its Priv as manager.c registers it, `command,all`);
+- a refused Command raises the captured `RequestNotAllowed` security event
+  (real2/ami/command_denied): recorded in `security_events`, and sent to the session
+  when it logged in without `Events: off`.
 
 It runs its own event loop on a thread so that synchronous tests (and code under
 test calling asyncio.run) can talk to it.
@@ -82,6 +88,24 @@ def captured_commands(*names: str) -> dict[str, bytes]:
 REPLAYED = captured_commands("ami_acl_commands.txt", "ami_cmd_test.txt")
 
 
+def _real2_answer(capture: str, action_id: str) -> bytes:
+    """The captured answer (bytes after the send) to the action sent with `action_id`."""
+    import ami_capture
+
+    conn = next(iter(ami_capture.load(capture).conns.values()))
+    for sent, got in conn.turns():
+        if ami_capture.action_of(sent).get("actionid") == action_id:
+            return got
+    raise KeyError(action_id)
+
+
+LIST_COMMANDS = _real2_answer("pjsip_show", "listcmds")  # user tm4: write=system
+# SYNTHESIZED: the line a user with write=command also gets (manager.c: EVENT_FLAG_COMMAND)
+COMMAND_LINE = b"Command:  (Priv: command,all)\r\n"
+_DENIED = _real2_answer("command_denied", "cmd-acl")  # Permission denied + RequestNotAllowed
+DENIED_ANSWER, NOT_ALLOWED_EVENT = _DENIED.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n", _DENIED.split(b"\r\n\r\n", 1)[1]
+
+
 # -- Asterisk's view of the config ------------------------------------------------
 
 @dataclass
@@ -146,6 +170,7 @@ class AmiAclSim:
         self.acls: dict[str, list[tuple[str, str, str]]] = {}
         self.transcript: list[tuple[str, bytes]] = []  # ("in" | "out", one message)
         self.reloads: list[str] = []
+        self.security_events: list[bytes] = []  # what Asterisk raised (RequestNotAllowed)
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -224,6 +249,7 @@ class AmiAclSim:
 
     async def _session(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         user: User | None = None
+        events = True
         try:
             await self._send(w, BANNER)
             while True:
@@ -241,6 +267,7 @@ class AmiAclSim:
                         await self._send(w, _reply("Error", aid, "Authentication failed"))
                         return
                     user = u
+                    events = hdr.get("events", "on").lower() != "off"
                     await self._send(w, _reply("Success", aid, "Authentication accepted"))
                 elif action == "logoff":
                     await self._send(w, _reply("Goodbye", aid, "Thanks for all the fish."))
@@ -252,9 +279,19 @@ class AmiAclSim:
                         await self._send(w, _reply("Error", aid, "Permission denied"))
                         continue
                     await self._send(w, self._reload(hdr.get("module", ""), aid))
+                elif action == "listcommands":
+                    listed = LIST_COMMANDS.replace(b"ActionID: listcmds\r\n", f"ActionID: {aid}\r\n".encode())
+                    if {"command", "all"} & user.write:
+                        at = listed.index(b"CoreSettings:")
+                        listed = listed[:at] + COMMAND_LINE + listed[at:]
+                    await self._send(w, listed)
                 elif action == "command":
                     if not {"command", "all"} & user.write:
-                        await self._send(w, _reply("Error", aid, "Permission denied"))
+                        await self._send(w, DENIED_ANSWER.replace(b"ActionID: cmd-acl\r\n",
+                                                                  f"ActionID: {aid}\r\n".encode()))
+                        self.security_events.append(NOT_ALLOWED_EVENT)
+                        if events:
+                            await self._send(w, NOT_ALLOWED_EVENT)
                         continue
                     await self._send(w, self._command(hdr.get("command", ""), aid))
                 else:

@@ -29,6 +29,7 @@ from tm4.asterisk.acl import (
 from tm4.asterisk.reload import (
     AmiActionError,
     AmiAuthError,
+    AmiNotPermitted,
     AmiUnavailable,
     encode,
     reload_module,
@@ -96,11 +97,12 @@ def test_reload_acl_framing(sim: AmiAclSim) -> None:
 def test_command_framing_and_replayed_answer(sim: AmiAclSim) -> None:
     lines = asyncio.run(run_command(ami(sim), "module reload acl"))
     assert lines == ["Module 'acl' reloaded successfully."]
-    sent = sim.sent_by_client()[1]
+    listcmds, sent = sim.sent_by_client()[1:3]  # first: may this user send Command at all?
+    assert normalise(listcmds) == b"Action: ListCommands\r\nActionID: <id>\r\n\r\n"
     captured = next(b.data for b in capture_blocks(FIXTURES / "ami_acl_commands.txt")
                     if b.direction == "SENT" and b"Command: module reload acl\r\n" in b.data)
     assert normalise(sent) == normalise(captured)
-    answer = [m for d, m in sim.transcript if d == "out"][2]
+    answer = [m for d, m in sim.transcript if d == "out"][3]
     assert normalise(answer) == normalise(REPLAYED["module reload acl"])
 
 
@@ -127,11 +129,16 @@ def test_errors_are_typed(sim: AmiAclSim) -> None:
         asyncio.run(reload_module(AmiConfig(port=port, secret=SECRET), "acl\r\nAction: Originate"))
 
 
-def test_least_privilege_user_cannot_run_commands() -> None:
+def test_least_privilege_user_is_never_made_to_send_command() -> None:
+    """Asterisk answers a refused Command with an Error-severity RequestNotAllowed security
+    event (real2/ami/command_denied): tm4 asks ListCommands first and does not send it."""
     with AmiAclSim(users={"tm4": User(SECRET)}) as s:  # write=system only
         assert asyncio.run(reload_module(ami(s), "acl")) == "Module Reloaded"
-        with pytest.raises(AmiActionError, match="Permission denied"):
+        with pytest.raises(AmiNotPermitted, match="may not send Command .*write=command"):
             asyncio.run(run_command(ami(s), "acl show tm4"))
+        sent = [ami_action(m) for m in s.sent_by_client()]
+    assert sent == ["Login", "Reload", "Logoff", "Login", "ListCommands", "Logoff"]
+    assert s.security_events == []
 
 
 # -- the ACL kept in step -----------------------------------------------------------
@@ -238,6 +245,13 @@ def test_status_without_command_permission(tmp_path: Path) -> None:
         sync_acl(env.core)
         st = asyncio.run(acl_status(env.core))
     assert st.asterisk_current is None and "write=command" in st.asterisk_note and st.ok
+    assert "asterisk -rx 'acl show tm4'" in st.asterisk_note  # what the admin can run instead
+    assert "Command" not in [ami_action(m) for m in s.sent_by_client()] and s.security_events == []
+
+
+def ami_action(raw: bytes) -> str:
+    m = re.match(rb"Action: (\S+)\r\n", raw)
+    return m.group(1).decode() if m else ""
 
 
 def test_status_notices_a_missing_include(env: Env) -> None:

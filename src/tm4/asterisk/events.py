@@ -94,10 +94,10 @@ class FrameParser:
     connection that dies mid-message leaves it here, never half-parsed.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, expect_banner: bool = True) -> None:
         self._buf = b""
         self.banner: str | None = None
-        self._want_banner = True
+        self._want_banner = expect_banner
 
     @property
     def pending(self) -> int:

@@ -15,10 +15,12 @@ import contextlib
 import itertools
 import re
 import secrets
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
+from tm4.asterisk.events import Frame, FrameParser
 from tm4.core.config import AmiConfig
 from tm4.core.errors import Tm4Error, ValidationError
 
@@ -45,6 +47,12 @@ class AmiActionError(AmiError):
     def __init__(self, message: str, reply: AmiMessage):
         super().__init__(message)
         self.reply = reply
+
+
+class AmiNotPermitted(AmiActionError):
+    """The manager user may not send the action (ListCommands does not list it), so it was
+    not sent: Asterisk would refuse it AND raise an Error-severity RequestNotAllowed
+    security event (tests/fixtures/asterisk-22/real2/ami/command_denied.*)."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,8 @@ class AmiSession:
         self.timeout = timeout
         self.banner = ""
         self._reader: asyncio.StreamReader | None = None
+        self._parser = FrameParser(expect_banner=False)  # the banner line is read on its own
+        self._frames: deque[Frame] = deque()
         self._writer: asyncio.StreamWriter | None = None
         self._tag = secrets.token_hex(3)
 
@@ -170,17 +180,18 @@ class AmiSession:
             raise AmiUnavailable(f"AMI connection lost during {name}: {exc or 'timeout'}") from None
 
     async def _read_message(self) -> AmiMessage:
+        """The next whole message; strict framing: CRLF lines, CRLF CRLF ends a message (a
+        bare LF stays inside its value, as in `Unable to retrieve endpoint nosuch\\n`)."""
         assert self._reader is not None
-        lines: list[bytes] = []
-        while True:
-            line = await self._reader.readline()
-            if not line:
+        while not self._frames:
+            data = await self._reader.read(65536)
+            if not data:
                 raise AmiUnavailable("AMI closed the connection")
-            if line in (b"\r\n", b"\n"):
-                if lines:
-                    return parse_lines(lines)
-                continue
-            lines.append(line)
+            try:
+                self._frames.extend(self._parser.feed(data))
+            except ValidationError as exc:
+                raise AmiUnavailable(f"AMI stream broken: {exc}") from None
+        return AmiMessage(self._frames.popleft().headers)
 
 
 async def reload_module(cfg: AmiConfig, module: str, *, timeout: float = 5.0) -> str:
@@ -192,8 +203,31 @@ async def reload_module(cfg: AmiConfig, module: str, *, timeout: float = 5.0) ->
     return reply.message
 
 
+async def permitted_actions(ami: AmiSession) -> dict[str, set[str]]:
+    """What this manager user may send, as Asterisk says: `ListCommands` lists only the
+    actions the user's write classes allow (manager.c), each as `Name: synopsis (Priv: ...)`.
+    ListCommands itself needs no class."""
+    reply = await ami.action("ListCommands")
+    out: dict[str, set[str]] = {}
+    for name, value in reply.fields:
+        at = value.rfind("(Priv: ")
+        if at < 0 or name in ("Response", "ActionID", "Message") or not value.endswith(")"):
+            continue
+        privs = value[at + 7:-1]
+        out[name] = set() if privs == "<none>" else set(privs.split(",")) - {"all"}
+    return out
+
+
 async def run_command(cfg: AmiConfig, command: str, *, timeout: float = 5.0) -> list[str]:
-    """`Action: Command`: the CLI command's output lines. Needs write=command."""
+    """`Action: Command`: the CLI command's output lines. Needs write=command; a user
+    without it is never made to send it (AmiNotPermitted): a refused Command is an
+    Error-severity security event, which would look like an intrusion."""
     async with AmiSession(cfg, timeout=timeout) as ami:
+        allowed = await permitted_actions(ami)
+        if "Command" not in allowed:
+            raise AmiNotPermitted(
+                f"manager user {cfg.username!r} may not send Command (that needs write=command); "
+                f"tm4 did not send it, so Asterisk logged no RequestNotAllowed. Check by hand: "
+                f"asterisk -rx {command!r}", AmiMessage(()))
         reply = await ami.action("Command", [("Command", command)])
     return reply.outputs
