@@ -80,6 +80,18 @@ def status_extra(core: Core) -> dict[str, str]:
     return out
 
 
+def check_config(path: str | None) -> int:
+    """`tm4d --check-config`: the very reading tm4d and the CLI do, its verdict in one line
+    (stdout when valid, stderr with the file and the key when not)."""
+    try:
+        config = load_config(path, missing_ok=False)
+    except Tm4Error as exc:
+        print(f"tm4d: {exc}", file=sys.stderr)
+        return 1
+    print(f"tm4d: config {config.path} is valid")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tm4d", description="tm4 daemon: owns the kernel rules")
     p.add_argument("--config", default=None, help="config file (default $TM4_CONFIG or /etc/tm4/tm4.toml)")
@@ -87,15 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check-config", action="store_true", help="read the config, report, exit")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
+    if a.check_config:
+        return check_config(a.config)
     setup_logging(a.verbose)
     if os.geteuid() != 0 and not a.check_config:
         log.error("event=not_root reason=tm4d must run as root (it owns the kernel rules)")
         return 2
     try:
         config = load_config(a.config)
-        if a.check_config:
-            print(f"tm4d: config {config.path} is valid")
-            return 0
         if a.boot:
             return boot_apply(config)
         daemon = Daemon(a.config, config=config)
