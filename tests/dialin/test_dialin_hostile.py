@@ -383,3 +383,25 @@ def test_broken_replies_over_tcp_leave_the_server_serving(tmp_path: Path) -> Non
         ch = Channel(Line(), Caller(keys=[CODE + "#", "203*0*113*7#", "1"]), network=True)
         run_fastagi("127.0.0.1", app.port, ch)
     assert entry_addresses(core, "dialin-alice") == ["203.0.113.7"], "a good call after the broken ones"
+
+
+def test_the_classic_script_ends_cleanly_when_asterisk_stops_reading(tmp_path: Path) -> None:
+    """Asterisk closes its end of the script's stdout: the write fails (EPIPE); one line, exit 0,
+    and nothing left buffered to fail again at exit ("Exception ignored ... BrokenPipeError")."""
+    import time
+
+    from dialin_support import write_config
+
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/root", "LANG": "C.UTF-8",
+           "TM4_CONFIG": str(write_config(tmp_path)), "TM4_NO_SSH_PROTECT": "1", "TM4_NFT_SUBPROCESS": "1"}
+    p = subprocess.Popen([python(), SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env, cwd="/")
+    assert p.stdin is not None and p.stdout is not None and p.stderr is not None
+    p.stdout.close()
+    p.stdin.write(ENV)
+    p.stdin.flush()
+    time.sleep(0.3)
+    p.stdin.close()
+    assert p.wait(20) == 0
+    lines = p.stderr.read().decode().splitlines()
+    assert len(lines) == 1 and "tm4 dial-in: hangup" in lines[0] and "Broken pipe" in lines[0], lines

@@ -389,13 +389,21 @@ MAX_ENV_LINES = 128
 
 # -- classic AGI ------------------------------------------------------------------------
 
+def _unbuffered_stdout() -> IO[bytes]:
+    """fd 1 without a buffer: a command Asterisk no longer reads is not left to fail again at exit."""
+    try:
+        return open(sys.stdout.fileno(), "wb", buffering=0, closefd=False)  # noqa: SIM115
+    except (OSError, ValueError):  # no file descriptor (stdout replaced in-process)
+        return sys.stdout.buffer
+
+
 class ClassicTransport:
     """AGI on stdin/stdout: reads the environment, notes SIGHUP, sends commands."""
 
     def __init__(self, stdin: IO[bytes] | None = None, stdout: IO[bytes] | None = None, *,
                  sighup: bool = True):
         self._in = stdin if stdin is not None else sys.stdin.buffer
-        self._out = stdout if stdout is not None else sys.stdout.buffer
+        self._out = stdout if stdout is not None else _unbuffered_stdout()
         self.state = LineState()
         if sighup:
             import signal
@@ -429,7 +437,12 @@ class ClassicTransport:
         if self.state.hangup_seen and not dead_ok:
             raise AgiHangup("SIGHUP: the caller hung up")
         try:
-            self._out.write(text.encode() + b"\n")
+            data = memoryview(text.encode() + b"\n")
+            while data:
+                n = self._out.write(data)
+                if not n:
+                    raise AgiHangup("the AGI pipe takes nothing more")
+                data = data[n:]
             self._out.flush()
         except (OSError, ValueError) as exc:  # broken pipe: Asterisk is gone
             raise AgiHangup(f"AGI pipe closed: {exc}") from None
