@@ -92,10 +92,28 @@ def test_fastagi_urls(value: str, url: str) -> None:
 
 
 @pytest.mark.parametrize("value", ["", "4573", "localhost:4573", "127.0.0.1:0", "127.0.0.1:70000",
-                                   "127.0.0.1:45x", "1.2.3.4:5/x", "[::1]:"])
+                                   "127.0.0.1:45x", "1.2.3.4:5/x", "[::1]:", "[fe80::1%eth0]:4573"])
 def test_fastagi_refused(value: str) -> None:
     with pytest.raises(ConfigError):
         deploy.fastagi_url(value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=60), st.builds(lambda h, p: f"{h}:{p}", st.ip_addresses().map(str),
+                                                    st.integers(-5, 70000))))
+def test_any_fastagi_value_is_refused_or_a_loopback_or_literal_url(value: str) -> None:
+    import ipaddress
+
+    try:
+        url = deploy.fastagi_url(value)
+    except ConfigError:
+        return
+    hostport = url.removeprefix("agi://").removesuffix("/")
+    host, _, port = hostport.rpartition(":")
+    ip = ipaddress.ip_address(host.strip("[]"))
+    assert 0 < int(port) < 65536 and not ip.is_unspecified
+    assert (host.startswith("[")) == (ip.version == 6)
+    assert set(url) <= set("agi:/[]0123456789abcdef.")  # nothing the dialplan would read as syntax
 
 
 SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._/@+-")

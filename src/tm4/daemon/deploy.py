@@ -94,7 +94,7 @@ def fastagi_url(value: str) -> str:
     host = host.strip("[]")
     try:
         ip = ipaddress.ip_address(host)
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536 or getattr(ip, "scope_id", None):
             raise ValueError
     except ValueError:
         raise ConfigError(f"[daemon] fastagi {value!r} must be IP:PORT, e.g. 127.0.0.1:4573") from None
