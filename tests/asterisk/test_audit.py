@@ -124,6 +124,9 @@ def test_endpoint_acl_only_matters_when_sip_is_reachable_from_outside() -> None:
     assert run("endpoint-no-acl") == []  # SIP only from the whitelist: the firewall guards it
     knock = run("endpoint-no-acl", knock_enabled=True, knock_services=("sip-udp",))
     assert [(f["id"], f["severity"]) for f in knock] == [("endpoint-no-acl", "medium")]
+    domain = run("endpoint-no-acl", secret_domain=True)
+    assert [(f["id"], f["severity"]) for f in domain] == [("endpoint-no-acl", "medium")]
+    assert "secret SIP domain" in domain[0]["detail"]
     public = run("endpoint-no-acl", public_services=("all",))
     assert [(f["id"], f["severity"]) for f in public] == [("endpoint-no-acl", "high"),
                                                           ("tm4-public-service", "high")]

@@ -46,6 +46,7 @@ def tm4_state(config: Config) -> Tm4State:
         now=now, config_file=config.path.name if config.path else "tm4.toml",
         public_services=tuple(config.firewall.public_services),
         knock_enabled=config.knock.enabled, knock_services=tuple(config.knock.services),
+        secret_domain=bool(getattr(getattr(config, "sip_admission", None), "domains", None)),
         safe_mode=config.daemon.safe_mode, rtp=config.rtp_range(), ami_username=config.ami.username,
         entries=entries, passcodes=passcodes,
     )

@@ -18,6 +18,8 @@ def sip_exposure(state: Tm4State) -> str:
         return "SIP is a public service in tm4 (firewall.public_services)"
     if state.knock_enabled and set(state.knock_services) & {*SIP_SERVICES, ALL}:
         return "port knocking opens SIP to whoever knocks"
+    if state.secret_domain:
+        return "a secret SIP domain admits whoever sends a REGISTER to it"
     return ""
 
 

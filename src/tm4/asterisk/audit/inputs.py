@@ -70,6 +70,7 @@ class Tm4State:
     public_services: Sequence[str] = ()
     knock_enabled: bool = False
     knock_services: Sequence[str] = ()
+    secret_domain: bool = False  # [sip_admission] domains: a REGISTER to one admits its source
     safe_mode: bool = True
     rtp: tuple[int, int] | None = (10000, 20000)
     ami_username: str = "tm4"
