@@ -25,6 +25,7 @@ from agisim import REPO, Channel, Line, python
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from tm4.core.model import never_source_reason
 from tm4.dialin import agi
 from tm4.dialin.call import CallInfo, Checked, Found, Granted, Outcome, Session, conversation
 from tm4.dialin.dtmf import DtmfError, Reason, check_address, parse_keys, parse_keys_checked
@@ -45,7 +46,8 @@ def never_a_source(a: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         a = a.ipv4_mapped
     return (a.is_unspecified or a.is_loopback or a.is_multicast or a.is_link_local or a.is_reserved
             or a == ipaddress.IPv4Address("255.255.255.255")
-            or (a.version == 4 and a in ipaddress.IPv4Network("0.0.0.0/8")))
+            or (a.version == 4 and a in ipaddress.IPv4Network("0.0.0.0/8"))
+            or never_source_reason(ipaddress.ip_network(a)) is not None)  # tm4's rule for every way in
 
 
 # -- keypad strings ------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from enum import StrEnum
 
 from tm4.core.errors import ValidationError
-from tm4.core.model import IPAddress, IPNetwork, normalise_address
+from tm4.core.model import IPAddress, IPNetwork, never_source_reason, normalise_address
 
 MAX_KEYS = 15  # "255*255*255*255"
 
@@ -102,6 +102,8 @@ def check_address(
     if a == ipaddress.IPv4Address("255.255.255.255"):
         return Reason.BROADCAST
     if a.is_link_local or a.is_reserved or (a.version == 4 and a in _THIS_NETWORK):
+        return Reason.RESERVED
+    if never_source_reason(ipaddress.ip_network(a)) is not None:  # the core's rule, if it grows
         return Reason.RESERVED
     if any(normalise_address(o) == a for o in own):
         return Reason.OWN
