@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from tm4.asterisk.acl import acl_status, render_acl, sync_acl_async
+from tm4.asterisk.acl import acl_status, render_acl, sync_acl_async, tied_endpoints
 from tm4.asterisk.install import install_async
 from tm4.cli.common import Ctx, echo_json, json_option, pass_ctx
 from tm4.core.config import config_path
@@ -81,7 +81,7 @@ def status(ctx: Ctx, as_json: bool) -> None:
 @pass_ctx
 def render(ctx: Ctx) -> None:
     """Print the ACL file tm4 would write (changes nothing)."""
-    click.echo(render_acl(ctx.core.entries(), ctx.core.clock()), nl=False)
+    click.echo(render_acl(ctx.core.entries(), ctx.core.clock(), tied=tied_endpoints(ctx.config)), nl=False)
 
 
 @asterisk.command()
