@@ -6,7 +6,9 @@ Regenerate the golden files after a deliberate change with TM4_UPDATE_GOLDEN=1."
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import json
 import os
 import shutil
 from datetime import UTC, datetime, timedelta
@@ -14,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ami_acl_sim import AmiAclSim, User
+from cli_support import store_only_cli
 from click.testing import CliRunner
 from dialin_support import Clock, add_passcode, make_core
 from hypothesis import given
@@ -22,6 +26,7 @@ from hypothesis import strategies as st
 from tm4.asterisk.acl import (
     ACL_FILE,
     ENDPOINTS_FILE,
+    acl_status,
     desired_rules,
     endpoint_candidates,
     endpoint_rules,
@@ -244,12 +249,9 @@ def test_an_expired_grant_closes_the_endpoint(tmp_path: Path) -> None:
 
 
 def test_endpoints_show_in_list_and_show(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cli_support import store_only_cli
-
     invoke = store_only_cli(tmp_path, monkeypatch)
     res = invoke("add", "alice", "203.0.113.7", "-s", "sip-udp", "--endpoint", "1001", "--endpoint", "1002")
     assert res.exit_code == 0, res.output
-    import json
 
     listed = json.loads(invoke("list", "--json").output)
     assert listed[0]["endpoints"] == ["1001", "1002"]
@@ -271,3 +273,26 @@ def test_endpoint_names_that_pass_are_safe_in_a_section_header(name: str) -> Non
     assert not set(name) & set("[]();=,#\n\r\t \\\"'")
     text = render_endpoint_ties([name])
     assert f"[{name}](+type=endpoint)\nacl = tm4-{name}\n" in text
+
+
+def test_status_compares_each_endpoint_acl_with_what_asterisk_loaded(core: Core) -> None:
+    etc = Path(core.config.asterisk.config_dir)
+    (etc / ACL_FILE).write_text("")
+    core.allow("alice", ["203.0.113.7"], ["sip-udp"], endpoints=["1001"])
+    write_ties(core, ["1001"])
+    sim = AmiAclSim(config_dir=etc, users={"watcher": User("w4tcherSecret", write={"system", "command"})}).start()
+    try:
+        core.config.ami.port, core.config.ami.username, core.config.ami.secret = sim.port, "watcher", "w4tcherSecret"
+        st = asyncio.run(acl_status(core, timeout=3))
+        assert [(e["endpoint"], e["tied"], e["asterisk_current"]) for e in st.endpoints] == [("1001", True, True)]
+        assert st.endpoints[0]["rendered_rules"][-1] == "permit 203.0.113.7/255.255.255.255"
+        core.allow("alice", ["198.51.100.9"], ["sip-udp"], endpoints=["1001"], replace=True)
+        write_acl(core)  # the file moved; Asterisk has not reloaded yet
+        st = asyncio.run(acl_status(core, timeout=3))
+        assert st.endpoints[0]["asterisk_current"] is False and not st.ok
+        assert st.endpoints[0]["asterisk_rules"][-1] == "permit 203.0.113.7/255.255.255.255"
+        sim.reload_acl()
+        st = asyncio.run(acl_status(core, timeout=3))
+        assert st.endpoints[0]["asterisk_current"] is True
+    finally:
+        sim.stop()
