@@ -296,3 +296,13 @@ def test_status_compares_each_endpoint_acl_with_what_asterisk_loaded(core: Core)
         assert st.endpoints[0]["asterisk_current"] is True
     finally:
         sim.stop()
+
+
+def test_a_dns_refresh_keeps_the_endpoints_and_moves_the_endpoint_acl(core: Core) -> None:
+    core.allow("alice-home", ["alice.example.com"], ["sip-udp"], endpoints=["1001"])
+    core.set_resolved("alice-home", {"alice.example.com": (ipaddress.ip_network("203.0.113.7/32"),)}, None)
+    assert core.get_entry("alice-home").endpoints == ("1001",)
+    assert permits(endpoint_rules(core.entries(), core.clock())["1001"], "203.0.113.7")
+    core.set_resolved("alice-home", {"alice.example.com": (ipaddress.ip_network("203.0.113.8/32"),)}, None)
+    rules = endpoint_rules(core.entries(), core.clock())["1001"]
+    assert permits(rules, "203.0.113.8") and not permits(rules, "203.0.113.7")
