@@ -14,6 +14,7 @@ import click
 from tm4.core.config import Config, load_config
 from tm4.core.durations import parse_duration
 from tm4.core.errors import ValidationError
+from tm4.core.text import escape_control
 from tm4.ops.engine import Core
 
 
@@ -72,6 +73,13 @@ def ttl_option(help_text: str = "lifetime, e.g. 2h, 1d (default: permanent)", *,
         return value if as_text else parsed
 
     return click.option("--ttl", callback=check, default=None, help=help_text)
+
+
+def echo_line(text: str) -> None:
+    """One line of human output built from stored or outside text (a ban reason from AMI, an
+    admin's note, a DNS name): its control characters escaped, so it stays one line and
+    cannot repaint the terminal. (--json output is escaped by JSON itself.)"""
+    click.echo(escape_control(text))
 
 
 def echo_json(obj: Any) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from tm4.cli.common import Ctx, echo_json, json_option, pass_ctx, ttl_option
+from tm4.cli.common import Ctx, echo_json, echo_line, json_option, pass_ctx, ttl_option
 from tm4.core.errors import ValidationError
 from tm4.core.services import TM3_MENU
 from tm4.firewall.plan import make_plan
@@ -79,7 +79,7 @@ def list_(ctx: Ctx, as_json: bool) -> None:
     if not entries:
         click.echo("no entries")
     for e in entries:
-        click.echo(_entry_line(e))
+        echo_line(_entry_line(e))
 
 
 @click.command()
@@ -93,7 +93,7 @@ def show(ctx: Ctx, name: str, as_json: bool) -> None:
         echo_json(e)
         return
     for k, v in e.items():
-        click.echo(f"{k:10} {', '.join(v) if isinstance(v, list) else v}")
+        echo_line(f"{k:10} {', '.join(v) if isinstance(v, list) else v}")
 
 
 @click.command()
@@ -131,7 +131,7 @@ def bans(ctx: Ctx, as_json: bool) -> None:
         click.echo("no bans")
     for b in items:
         exp = b["expires"] or "permanent"
-        click.echo(f"{b['address']:40} {exp:22} x{b['offences']:<3} {b['reason']}")
+        echo_line(f"{b['address']:40} {exp:22} x{b['offences']:<3} {b['reason']}")
 
 
 def _mention_quarantine(ctx: Ctx) -> int:
@@ -239,7 +239,7 @@ def log(ctx: Ctx, limit: int, subject: str | None, as_json: bool) -> None:
         return
     for r in recs:
         detail = " ".join(f"{k}={v}" for k, v in sorted(r["detail"].items()) if v not in (None, "", []))
-        click.echo(f"{r['ts']} {r['action']:9} {r['subject']:28} {r['origin']:8} {r['actor']} {detail}")
+        echo_line(f"{r['ts']} {r['action']:9} {r['subject']:28} {r['origin']:8} {r['actor']} {detail}")
 
 
 @click.command()

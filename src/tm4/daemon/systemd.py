@@ -8,6 +8,8 @@ import os
 import socket
 import sys
 
+from tm4.core.text import install_log_escaping
+
 
 def sd_notify(state: str) -> None:
     """Tell systemd (Type=notify) how we are; a no-op outside systemd."""
@@ -27,3 +29,4 @@ def setup_logging(verbose: bool = False) -> None:
         "%(asctime)s.%(msecs)03d tm4d[%(process)d] %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt,
                         datefmt="%Y-%m-%dT%H:%M:%S", stream=sys.stderr, force=True)
+    install_log_escaping()  # a CR/LF in an AMI field or a DNS answer never forges a line
