@@ -25,6 +25,11 @@ from tm4.core.store import Store
 from tm4.ops.engine import Core
 
 
+def markers(state: Path) -> dict[int, bytes]:
+    """pid -> state byte of every kernel-change marker next to the store."""
+    return {int(m.name.rsplit("-", 1)[1]): m.read_bytes() for m in state.glob("tm4.db.kernel-*")}
+
+
 def make_core(state: Path, backend: Any = None) -> Core:
     return Core(parse_config({"state_dir": str(state)}), backend=backend or MemoryKernel(), protect=[])  # type: ignore[arg-type]
 
@@ -125,7 +130,7 @@ def test_a_failed_commit_takes_the_kernel_change_back(tmp_path: Path, op: str) -
     assert kernel.batches and {k: set(v) for k, v in kernel.sets.items() if v} == \
         {k: v for k, v in before.items() if v}
     assert core.store.snapshot() == rows
-    assert not list((tmp_path / "state").glob("*.kernel-*"))  # settled: nothing to reconcile
+    assert markers(tmp_path / "state") == {os.getpid(): b"0"}  # settled: nothing to reconcile
 
 
 class UndoRefusingKernel(MemoryKernel):
@@ -155,12 +160,11 @@ def test_an_undo_the_kernel_refuses_leaves_a_mark_the_next_writer_reconciles(tmp
     with failing_commits(core.store), pytest.raises(StoreError):
         core.allow("phone", ["198.51.100.7"], ["sip-udp"])
     assert "198.51.100.7" in kernel.addresses()  # the kernel refused to take it back
-    assert [m.name.split(".kernel-")[1] for m in (tmp_path / "state").glob("*.kernel-*")] == \
-        [f"failed-{os.getpid()}"]
+    assert markers(tmp_path / "state") == {os.getpid(): b"F"}
     kernel.arm = kernel.refuse = False
     core.block("203.0.113.5")  # the next writer, in this very process, reconciles
     assert "198.51.100.7" not in kernel.addresses() and "203.0.113.5" in kernel.addresses()
-    assert not list((tmp_path / "state").glob("*.kernel-*"))
+    assert markers(tmp_path / "state") == {os.getpid(): b"0"}
 
 
 def test_a_writer_killed_mid_change_is_reconciled_by_the_next_writer(tmp_path: Path) -> None:
@@ -171,11 +175,24 @@ def test_a_writer_killed_mid_change_is_reconciled_by_the_next_writer(tmp_path: P
     # without a store row, and its marker (a pid that no longer runs)
     dead = subprocess.Popen(["true"])
     dead.wait()
-    (tmp_path / "state" / f"tm4.db.kernel-{dead.pid}").touch()
+    (tmp_path / "state" / f"tm4.db.kernel-{dead.pid}").write_bytes(b"1")
     kernel.sets.setdefault("wl4_sip-udp", set()).add("198.51.100.7")
     core.block("203.0.113.5")
     assert "198.51.100.7" not in kernel.addresses() and "203.0.113.5" in kernel.addresses()
-    assert not list((tmp_path / "state").glob("*.kernel-*"))
+    assert markers(tmp_path / "state") == {os.getpid(): b"0"}  # the dead writer's marker is gone
+
+
+def test_a_finished_writers_settled_marker_is_cleaned_up_without_a_full_apply(tmp_path: Path) -> None:
+    kernel = MemoryKernel()
+    core = make_core(tmp_path / "state", kernel)
+    core.apply()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / "state" / f"tm4.db.kernel-{dead.pid}").write_bytes(b"0")
+    kernel.sets.setdefault("wl4_sip-udp", set()).add("198.51.100.7")  # drift, not an interrupted write
+    core.block("203.0.113.5")
+    assert "198.51.100.7" in kernel.addresses() and len(kernel.batches) == 1
+    assert markers(tmp_path / "state") == {os.getpid(): b"0"}
 
 
 def test_a_live_writers_marker_is_not_reconciled(tmp_path: Path) -> None:
@@ -183,7 +200,7 @@ def test_a_live_writers_marker_is_not_reconciled(tmp_path: Path) -> None:
     core = make_core(tmp_path / "state", kernel)
     core.apply()
     live = tmp_path / "state" / f"tm4.db.kernel-{os.getppid()}"
-    live.touch()
+    live.write_bytes(b"1")  # just committed, not yet settled: it holds no lock any more
     assert core.store.interrupted_kernel_changes() == []
     core.block("203.0.113.5")
     assert live.exists() and len(kernel.batches) == 1  # an element change, no full apply

@@ -191,7 +191,9 @@ class Store:
         self._depth = 0
         self._on_commit: list[Callable[[], None]] = []
         self._on_abort: list[Callable[[], None]] = []
-        self._marker: Path | None = None
+        self._marked = False  # this transaction changed kernel elements
+        self._marker_fd: int | None = None
+        self._marker_pid = 0
         self._reported: set[tuple[str, str]] = set()
         # A connection must not cross fork(): closing the child's copy would drop the
         # parent's POSIX locks on the file and let two writers in at once.
@@ -244,6 +246,10 @@ class Store:
 
     def close(self) -> None:
         self._db.close()
+        if self._marker_fd is not None and self._marker_pid == os.getpid():
+            with suppress(OSError):
+                os.close(self._marker_fd)
+            self._marker_fd = None
 
     # -- schema -------------------------------------------------------------
     @property
@@ -286,6 +292,7 @@ class Store:
             raise self._write_error(exc) from None
         self._depth = 1
         self._on_commit, self._on_abort = [], []
+        self._marked = False
         try:
             try:
                 yield self._db
@@ -323,14 +330,10 @@ class Store:
             except Exception as exc:  # noqa: BLE001 — keep undoing the rest; the marker stays
                 undone = False
                 log.error("event=undo_failed reason=%s", exc)
-        if undone:
-            self._drop_marker()
-        elif self._marker is not None:
-            # The kernel may still hold what the store does not: whoever writes next
-            # (or applies) reconciles, this process included.
-            with suppress(OSError):
-                self._marker.rename(self._marker.with_name(f"{self.path.name}.kernel-failed-{os.getpid()}"))
-            self._marker = None
+        if self._marked:
+            # Not undone: the kernel may still hold what the store does not, and whoever
+            # writes next (or applies) reconciles, this process included.
+            self._set_marker(SETTLED if undone else UNDO_FAILED)
 
     def _write_error(self, exc: sqlite3.Error) -> StoreError:
         if _is_full(exc) or no_space(self.path.parent):
@@ -338,54 +341,77 @@ class Store:
         return StoreError(f"could not write the store {self.path}: {exc}")
 
     # -- kernel changes in flight ---------------------------------------------
-    # A writer that changes kernel elements inside a transaction leaves a marker file
-    # named after its pid until the transaction ends. A marker of a dead process means
-    # it was killed between the kernel change and the commit: the kernel may hold an
-    # element the store does not know, and the next writer reconciles (a full apply).
+    # Each writing process keeps one marker file, `<store>.kernel-<pid>`, holding one
+    # byte: IN_WINDOW from just before it changes kernel elements inside a transaction
+    # until that transaction ends, SETTLED otherwise, UNDO_FAILED when a rollback could
+    # not take its kernel change back. A dead process's IN_WINDOW means it was killed
+    # between the kernel change and the commit: the kernel may hold an element the store
+    # does not know, and the next writer (or apply) reconciles with a full apply.
+    # One pwrite per state change: no file is created or removed per change.
     def mark_kernel_change(self) -> None:
         """Call inside a transaction before changing kernel elements."""
-        if self._marker is not None:
+        if self._marked:
             return
-        marker = self.path.with_name(f"{self.path.name}.kernel-{os.getpid()}")
+        self._set_marker(IN_WINDOW)
+        self._marked = True
+        self.on_commit(lambda: self._set_marker(SETTLED))
+
+    def _set_marker(self, state: bytes) -> None:
+        path = self.path.with_name(f"{self.path.name}.kernel-{os.getpid()}")
         try:
-            marker.touch(mode=0o600)
+            if self._marker_fd is None or self._marker_pid != os.getpid():
+                self._marker_fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+                self._marker_pid = os.getpid()
+            os.pwrite(self._marker_fd, state, 0)
         except OSError as exc:
+            if state != IN_WINDOW:
+                log.error("event=marker_write_failed path=%s reason=%s", path, exc.strerror)
+                return
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreError(f"no space left on {self.path.parent}") from None
-            raise StoreError(f"cannot write {marker}: {exc.strerror}") from None
-        self._marker = marker
-        self.on_commit(self._drop_marker)
-
-    def _drop_marker(self) -> None:
-        if self._marker is not None:
-            with suppress(OSError):
-                self._marker.unlink()
-            self._marker = None
+            raise StoreError(f"cannot write {path}: {exc.strerror}") from None
+        if state != IN_WINDOW:
+            self._marked = False
 
     def interrupted_kernel_changes(self) -> list[Path]:
-        """Markers left by writers that died mid-change (not this process's own)."""
-        out = []
-        for m in self.path.parent.glob(f"{self.path.name}.kernel-*"):
-            if m.name.startswith(f"{self.path.name}.kernel-failed-"):
-                out.append(m)  # an undo that failed: reconcile whoever left it
-                continue
-            pid_text = m.name.rsplit("-", 1)[-1]
-            if not pid_text.isdigit() or int(pid_text) == os.getpid():
-                continue
+        """Markers of writers killed mid-change, and of undos that failed (any process's,
+        this one's included). Call with the write lock held (inside a transaction)."""
+        out: list[Path] = []
+        prefix = f"{self.path.name}.kernel-"
+        with os.scandir(self.path.parent) as it:
+            names = [e.name for e in it if e.name.startswith(prefix)]
+        for name in names:
+            m = self.path.parent / name
+            pid_text = name[len(prefix):]
             try:
-                os.kill(int(pid_text), 0)
-            except ProcessLookupError:
+                state = m.read_bytes()[:1]
+            except OSError:
+                continue
+            if not pid_text.isdigit():
+                continue
+            alive = _alive(int(pid_text))
+            if state == UNDO_FAILED or (state == IN_WINDOW and not alive):
                 out.append(m)
-            except PermissionError:
-                pass  # alive (another user's process): still in its window or just done
+            elif not alive:
+                with suppress(OSError):
+                    m.unlink()  # a finished writer's settled marker: nothing to do
         return out
 
-    @staticmethod
-    def forget_kernel_changes(markers: Sequence[Path]) -> None:
+    def forget_kernel_changes(self, markers: Sequence[Path]) -> None:
         """The kernel was reconciled with the store: the markers are settled."""
         for m in markers:
+            pid_text = m.name.rsplit("-", 1)[-1]
+            if pid_text == str(os.getpid()) and self._marked:
+                continue  # this process is in its own window: its commit settles the marker
             with suppress(OSError):
-                m.unlink()
+                if pid_text.isdigit() and _alive(int(pid_text)):
+                    fd = os.open(m, os.O_WRONLY)
+                    try:
+                        os.pwrite(fd, SETTLED, 0)
+                    finally:
+                        os.close(fd)
+                else:
+                    m.unlink()
 
     # -- meta ---------------------------------------------------------------
     def get_meta(self, key: str, default: str | None = None) -> str | None:
@@ -419,10 +445,11 @@ class Store:
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO entries(name, sources, services, origin, created, expires, note, resolved, stale_since,"
-                " endpoints) VALUES(?,?,?,?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET sources=excluded.sources,"
-                " services=excluded.services, origin=excluded.origin, created=excluded.created,"
-                " expires=excluded.expires, note=excluded.note, resolved=excluded.resolved,"
-                " stale_since=excluded.stale_since, endpoints=excluded.endpoints",
+                " endpoints, zone) VALUES(?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET"
+                " sources=excluded.sources, services=excluded.services, origin=excluded.origin,"
+                " created=excluded.created, expires=excluded.expires, note=excluded.note,"
+                " resolved=excluded.resolved, stale_since=excluded.stale_since, endpoints=excluded.endpoints,"
+                " zone=excluded.zone",
                 (
                     e.name,
                     json.dumps([s.text for s in e.sources]),
@@ -434,6 +461,7 @@ class Store:
                     json.dumps({k: [str(n) for n in v] for k, v in e.resolved.items()}),
                     format_time(e.stale_since),
                     json.dumps(list(e.endpoints)),
+                    e.zone,
                 ),
             )
             db.execute("DELETE FROM entry_nets WHERE name = ?", (e.name,))
@@ -652,6 +680,21 @@ def range_key(net: IPNetwork) -> tuple[int, str, str]:
     return net.version, f"{lo:0{width}x}", f"{hi:0{width}x}"
 
 
+IN_WINDOW, SETTLED, UNDO_FAILED = b"1", b"0", b"F"  # the byte in a kernel-change marker
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process
+    return True
+
+
 def _interval(fam: Any, lo_s: Any, hi_s: Any) -> tuple[int, int]:
     width = {4: 8, 6: 32}[fam]
     if len(lo_s) != width or len(hi_s) != width:
@@ -689,6 +732,7 @@ def _row_entry(r: sqlite3.Row) -> Entry:
         resolved={k: tuple(parse_network(n, force=True) for n in v) for k, v in resolved.items()},
         stale_since=parse_time(r["stale_since"]),
         endpoints=tuple(json.loads(r["endpoints"] or "[]")),
+        zone=r["zone"],
     )
 
 

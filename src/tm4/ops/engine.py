@@ -23,6 +23,7 @@ from tm4.core.errors import (
     ApplyError,
     ConflictError,
     LockoutError,
+    NeverSourceError,
     NotFoundError,
     StoreError,
     ValidationError,
@@ -54,6 +55,7 @@ from tm4.core.rules import (
 )
 from tm4.core.services import resolve_services
 from tm4.core.store import Store
+from tm4.core.zones import zone_services
 from tm4.firewall import Backend, make_backend
 
 log = logging.getLogger("tm4.core")
@@ -62,7 +64,7 @@ Clock = Callable[[], datetime]
 # Modules that contribute rule fragments (knock stages, ...): each has
 # `ruleset_extra(config, store) -> Ruleset | None`.
 RULESET_EXTRA_MODULES = ("tm4.knock.sequence", "tm4.ops.safemode", "tm4.sources.blocklists",
-                         "tm4.admission.sip")
+                         "tm4.admission.sip", "tm4.ops.zones")
 
 
 class Core:
@@ -115,6 +117,7 @@ class Core:
         origin: Origin = Origin.ADMIN,
         force: bool = False,
         endpoints: Sequence[str] = (),
+        zone: str | None = None,
     ) -> Entry:
         validate_name(name)
         if not sources:
@@ -125,15 +128,18 @@ class Core:
             if src not in parsed:
                 parsed.append(src)
         now = self.clock()
+        if zone and services:
+            raise ValidationError("give a zone or services, not both (the zone says the services)")
         return Entry(
             name=name,
             sources=tuple(parsed),
-            services=resolve_services(services, self.config.services),
+            services=zone_services(self.config, zone) if zone else resolve_services(services, self.config.services),
             origin=origin,
             created=now,
             expires=now + ttl if ttl else None,
             note=note,
             endpoints=tuple(dict.fromkeys(validate_endpoint(x) for x in endpoints)),
+            zone=zone or None,
         )
 
     def allow(
@@ -149,9 +155,10 @@ class Core:
         replace: bool = False,
         force: bool = False,
         endpoints: Sequence[str] = (),
+        zone: str | None = None,
     ) -> Entry:
         entry = self.build_entry(name, sources, services, ttl=ttl, note=note, origin=origin, force=force,
-                                 endpoints=endpoints)
+                                 endpoints=endpoints, zone=zone)
         return self.put_entry(entry, replace=replace, actor=actor)
 
     def put_entry(self, entry: Entry, *, replace: bool = False, actor: str = "") -> Entry:
@@ -193,7 +200,7 @@ class Core:
             if old is None:
                 raise NotFoundError(f"no entry named {name!r}")
             new = Entry(old.name, old.sources, old.services, old.origin, old.created, old.expires,
-                        old.note, dict(resolved), stale_since, old.endpoints)
+                        old.note, dict(resolved), stale_since, old.endpoints, old.zone)
             ch = self._wl_change(name, new, extra=old.networks())
             self.store.put_entry(new)
             if {k: set(v) for k, v in old.resolved.items()} != {k: set(v) for k, v in resolved.items()}:
@@ -253,7 +260,12 @@ class Core:
         return ban
 
     def unblock(self, address: str, *, origin: Origin = Origin.ADMIN, actor: str = "") -> Ban:
-        net = parse_network(address, force=True)
+        try:
+            net = parse_network(address, force=True)
+        except NeverSourceError as exc:
+            # An older tm4 may have stored such a ban: readers set it aside, never the kernel.
+            raise NotFoundError(f"{exc}; an old ban of it is in `tm4 quarantine list`, "
+                                "`tm4 quarantine drop ID` forgets it") from None
         with self.store.transaction():
             ban = self.store.get_ban(net_text(net))
             if ban is None:
@@ -290,11 +302,20 @@ class Core:
             self.backend.apply(rs, now)  # type: ignore[call-arg]
             log.warning("event=applied_unrecorded reason=%s", self.store.read_only)
             return rs
-        with self.store.transaction():
-            interrupted = self.store.interrupted_kernel_changes()
+        rs = None
+        try:
+            with self.store.transaction():
+                interrupted = self.store.interrupted_kernel_changes()
+                rs = ruleset or self.render()
+                self.backend.apply(rs, now)  # type: ignore[call-arg]
+                self.store.forget_kernel_changes(interrupted)
+        except StoreError as exc:
+            if rs is not None:
+                raise
+            # The write lock could not be had (busy for 30 s, broken): the rules load anyway.
+            log.warning("event=apply_without_lock reason=%s", exc)
             rs = ruleset or self.render()
             self.backend.apply(rs, now)  # type: ignore[call-arg]
-        self.store.forget_kernel_changes(interrupted)
         try:
             self.store.set_meta("last_apply", format_time(now))
             fingerprint = rules_fingerprint(rs)
@@ -367,8 +388,8 @@ class Core:
         """
         if not changes:
             return
-        self.store.mark_kernel_change()  # refused on a full disk, before the kernel is touched
         interrupted = self.store.interrupted_kernel_changes()
+        self.store.mark_kernel_change()  # refused on a full disk, before the kernel is touched
         if interrupted:
             log.warning("event=reconcile reason=a writer died between its kernel change and its commit "
                         "markers=%s", ",".join(m.name for m in interrupted))
