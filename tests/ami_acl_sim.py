@@ -34,6 +34,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tm4.lab.sim.ami import FULLY_BOOTED, RELOAD_EVENT, address, event_tv, render_event
+
 FIXTURES = Path(__file__).parent / "fixtures" / "ami_acl"
 BANNER = b"Asterisk Call Manager/11.0.0\r\n"
 CRLF = b"\r\n"
@@ -269,6 +271,16 @@ class AmiAclSim:
                     user = u
                     events = hdr.get("events", "on").lower() != "off"
                     await self._send(w, _reply("Success", aid, "Authentication accepted"))
+                    if events:  # as real2/ami/command_denied shows for tm4's user
+                        peer = w.get_extra_info("peername")
+                        if {"system", "all"} & u.read:
+                            await self._send(w, FULLY_BOOTED)
+                        if {"security", "all"} & u.read:
+                            await self._send(w, render_event(
+                                "SuccessfulAuth", Service="AMI", AccountID=hdr.get("username", ""),
+                                SessionID="0x7f7920014950", LocalAddress=address("127.0.0.1", self.port, "TCP"),
+                                RemoteAddress=address(peer[0], peer[1], "TCP"), UsingPassword="0",
+                                SessionTV=event_tv()))
                 elif action == "logoff":
                     await self._send(w, _reply("Goodbye", aid, "Thanks for all the fish."))
                     return
@@ -278,7 +290,10 @@ class AmiAclSim:
                     if not {"system", "config", "all"} & user.write:
                         await self._send(w, _reply("Error", aid, "Permission denied"))
                         continue
-                    await self._send(w, self._reload(hdr.get("module", ""), aid))
+                    answer = self._reload(hdr.get("module", ""), aid)
+                    if events and answer.startswith(b"Response: Success") and {"system", "all"} & user.read:
+                        answer += RELOAD_EVENT % hdr.get("module", "").encode()
+                    await self._send(w, answer)
                 elif action == "listcommands":
                     listed = LIST_COMMANDS.replace(b"ActionID: listcmds\r\n", f"ActionID: {aid}\r\n".encode())
                     if {"command", "all"} & user.write:

@@ -11,9 +11,10 @@ for it), `\\r\\n` framing, events, Logoff (`Goodbye`, close). Two modes:
   framing and field order.
 
 Not in the captures, hence synthesized from Asterisk's manager.c and marked so:
-the Ping answer, the Shutdown event, the answer to an unknown action, and the
-field order of the 9 security event types the captures lack (from
-sec_events[] in main/security_events.c).
+the Ping answer and the field order of the security event types the captures lack
+(from sec_events[] in main/security_events.c). The Shutdown event, Reload, a refused
+action (Permission denied + RequestNotAllowed) and an unknown one (+ RequestBadFormat)
+are as real2/ami/ captured them (tests/asterisk/test_sim_replay.py checks).
 
 Fault injection for reconnect tests: `restart()`, `kill_mid_frame()`,
 `freeze()` / `thaw()` (a silent peer: nothing read, nothing written, no banner
@@ -37,12 +38,17 @@ from tm4.lab.sim.ami import (
     GOODBYE,
     LOGIN_FAILED,
     LOGIN_OK,
+    PERMISSION_DENIED,
     PONG,
+    RELOAD_EVENT,
+    RELOADED,
     UNKNOWN_ACTION,
+    WRITE_CLASS,
     address,
     event_tv,
     render_event,
 )
+from tm4.lab.sim.ami import SHUTDOWN as _SHUTDOWN
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ami"
 EOL = b"\r\n"
@@ -127,8 +133,7 @@ def security_capture() -> list[Session]:
 # The server. Its answers and the security events it renders are tm4.lab.sim.ami's (the lab's AMI
 # endpoint speaks the same).
 
-# SYNTHESIZED (not in the captures; the Shutdown manager event):
-SHUTDOWN = b"Event: Shutdown\r\nPrivilege: system,all\r\nShutdown: Cleanly\r\nRestart: True\r\n\r\n"
+SHUTDOWN = _SHUTDOWN % b"True"  # real2/ami/restart: `core restart now`
 
 
 def _actionid_line(action_id: str | None) -> bytes:
@@ -141,6 +146,8 @@ class Conn:
     writer: asyncio.StreamWriter
     peer: tuple[str, int]
     logged_in: bool = False
+    events: bool = True
+    user: str = ""
     greeted: bool = False
     task: asyncio.Task[None] | None = None
     actions: list[dict[str, str]] = field(default_factory=list)
@@ -159,6 +166,7 @@ class AmiSimulator:
         replay: Session | None = None,
         login_fail_delay: float = 1.0,
         local_address: str = "127.0.0.1",
+        write: str = "system",
     ) -> None:
         self.host = host
         self.port = port
@@ -166,6 +174,7 @@ class AmiSimulator:
         self.permit = permit or (lambda ip: True)
         self.replay = replay
         self.login_fail_delay = login_fail_delay
+        self.write = set(write.split(","))  # every user's write classes (tm4's least privilege)
         self.local_address = local_address
         self.server: asyncio.AbstractServer | None = None
         self.conns: list[Conn] = []
@@ -294,12 +303,24 @@ class AmiSimulator:
         if not conn.logged_in:
             w.write(b"Response: Error\r\nActionID: %s\r\nMessage: Permission denied\r\n\r\n" % _actionid_line(aid))
             return True
+        need = WRITE_CLASS.get(name, set())
         if name == "ping":
             w.write(PONG % (_actionid_line(aid), f"{time.time():.6f}".encode()))
         elif name == "logoff":
             w.write(self._captured_goodbye(aid))
             await w.drain()
             return False
+        elif name not in WRITE_CLASS:
+            w.write(UNKNOWN_ACTION % (_actionid_line(aid), action.get("action", "").encode()))
+            self._to_security_readers(self._ami_event("RequestBadFormat", conn, conn.user,
+                                                      RequestType=f"Action: {action.get('action', '')}"))
+        elif need is not None and not need & self.write:
+            w.write(PERMISSION_DENIED % _actionid_line(aid))
+            self._to_security_readers(self._ami_event("RequestNotAllowed", conn, conn.user,
+                                                      RequestType=f"Action: {action.get('action', '')}"))
+        elif name == "reload":
+            w.write(RELOADED % _actionid_line(aid)
+                    + (RELOAD_EVENT % action.get("module", "").encode() if conn.events else b""))
         else:
             w.write(UNKNOWN_ACTION % (_actionid_line(aid), action.get("action", "").encode()))
         await w.drain()
@@ -318,15 +339,17 @@ class AmiSimulator:
             conn.writer.write(LOGIN_FAILED % _actionid_line(aid))
             await conn.writer.drain()
             return False
-        conn.logged_in = True
+        conn.logged_in, conn.user = True, user
+        conn.events = action.get("events", "on").lower() != "off"
         self.logins += 1
         self.login_times.append(time.monotonic())
         if self.replay is not None:
             conn.writer.write(self._replayed_after_login(aid))
         else:
             conn.writer.write(LOGIN_OK % _actionid_line(aid))
-            conn.writer.write(FULLY_BOOTED)
-            conn.writer.write(self._ami_event("SuccessfulAuth", conn, user, UsingPassword="0"))
+            if conn.events:
+                conn.writer.write(FULLY_BOOTED)
+            self._to_security_readers(self._ami_event("SuccessfulAuth", conn, user, UsingPassword="0"))
         await conn.writer.drain()
         return True
 
@@ -339,6 +362,11 @@ class AmiSimulator:
             frame = self._ami_event("InvalidPassword", conn, user, SessionTV="1970-01-01T00:00:00.000+0000")
         for c in self.conns:
             if c.logged_in and c is not conn and not c.writer.is_closing():
+                c.writer.write(frame)
+
+    def _to_security_readers(self, frame: bytes) -> None:
+        for c in self.conns:
+            if c.logged_in and c.events and not c.writer.is_closing():
                 c.writer.write(frame)
 
     def _ami_event(self, event: str, conn: Conn, user: str, **extra: str) -> bytes:

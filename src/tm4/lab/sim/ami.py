@@ -4,7 +4,9 @@ captures' framing and field order, and AmiServer, the lab's threaded AMI endpoin
 The field order of the 6 event types in the captures (tests/fixtures/ami/, real
 Asterisk 22.10.1) is taken from them; the 9 types they lack are SYNTHESIZED from
 sec_events[] in main/security_events.c (required, then optional fields), which is
-how the captured ones are ordered too.
+how the captured ones are ordered too; real2/ami/ has since shown RequestNotAllowed
+and RequestBadFormat in that very order (without their optional fields).
+tests/asterisk/test_sim_replay.py replays every capture through the simulators.
 """
 
 from __future__ import annotations
@@ -28,10 +30,25 @@ GOODBYE = b"Response: Goodbye\r\nActionID: %s\r\nMessage: Thanks for all the fis
 FULLY_BOOTED = (b"Event: FullyBooted\r\nPrivilege: system,all\r\nUptime: 30\r\nLastReload: 30\r\n"
                 b"Status: Fully Booted\r\n\r\n")
 RELOADED = b"Response: Success\r\nActionID: %s\r\nMessage: Module Reloaded\r\n\r\n"
-# SYNTHESIZED (not in the captures; manager.c action_ping and its unknown-action answer):
-PONG = b"Response: Success\r\nActionID: %s\r\nPing: Pong\r\nTimestamp: %s\r\n\r\n"
+# real2/ami/command_denied: right behind the answer, in the same segment (read=system)
+RELOAD_EVENT = b"Event: Reload\r\nPrivilege: system,all\r\nModule: %s\r\nStatus: 0\r\n\r\n"
+# real2/ami/command_denied: an action the user's write classes do not allow (then a
+# RequestNotAllowed security event); real2/ami/pjsip_show: an action that does not exist
+# (then RequestBadFormat)
+PERMISSION_DENIED = b"Response: Error\r\nActionID: %s\r\nMessage: Permission denied\r\n\r\n"
 UNKNOWN_ACTION = (b"Response: Error\r\nActionID: %s\r\nMessage: Invalid/unknown command: %s. "
                   b"Use Action: ListCommands to show available commands.\r\n\r\n")
+# real2/ami/restart*: Asterisk stopping
+SHUTDOWN = b"Event: Shutdown\r\nPrivilege: system,all\r\nShutdown: Cleanly\r\nRestart: %s\r\n\r\n"
+SHUTTING_DOWN = b"Response: Error\r\nActionID: %s\r\nMessage: Asterisk is shutting down\r\n\r\n"
+# SYNTHESIZED (in no capture; manager.c action_ping):
+PONG = b"Response: Success\r\nActionID: %s\r\nPing: Pong\r\nTimestamp: %s\r\n\r\n"
+# Actions and the write classes that allow them (manager.c / res_pjsip registrations, as
+# real2/ami/pjsip_show's ListCommands lists them); None: any user.
+# Only the actions the simulators answer are here; any other is answered as unknown.
+WRITE_CLASS: dict[str, set[str] | None] = {
+    "login": None, "logoff": None, "ping": None, "reload": {"system", "config"}, "command": {"command"},
+}
 
 # -- security events -----------------------------------------------------------------------
 
@@ -60,7 +77,7 @@ CAPTURED_ORDER: dict[tuple[str, str], tuple[str, ...]] = {
 
 _COMMON = ("EventTV", "Severity", "Service", "EventVersion", "AccountID", "SessionID",
            "LocalAddress", "RemoteAddress")
-# SYNTHESIZED: the 9 types the captures lack; required then optional fields of
+# SYNTHESIZED: the types the captures lack; required then optional fields of
 # sec_events[] (main/security_events.c), which is how the 6 captured ones are ordered too.
 SYNTHESIZED_ORDER: dict[str, tuple[str, ...]] = {
     "SessionLimit": _COMMON + ("Module", "SessionTV"),
@@ -135,18 +152,38 @@ def render_event(event: str, *, omit: Iterable[str] = (), privilege: str = "secu
 
 # -- the lab's AMI endpoint ----------------------------------------------------------------
 
-class AmiServer:
-    """AMI on host:port inside namespace `ns`: one thread per connection; `emit` pushes an
-    event frame to every logged-in client."""
+class _Session:
+    def __init__(self, c: socket.socket, peer: tuple[str, int]) -> None:
+        self.c, self.peer = c, peer
+        self.logged_in = False
+        self.events = True  # Events: off at Login turns them off
+        self.session_id = f"0x7f79{id(self) & 0xFFFFFFF:08x}"
+        self.session_tv = ""
 
-    def __init__(self, ns: str, username: str, secret: str, host: str = "127.0.0.1", port: int = 5038):
+
+class AmiServer:
+    """AMI on host:port inside namespace `ns` ("" : this one): one thread per connection;
+    `emit` pushes an event frame to every logged-in client. One user, tm4's least
+    privilege by default (read=system,security, write=system), answered as captured."""
+
+    def __init__(self, ns: str, username: str, secret: str, host: str = "127.0.0.1", port: int = 5038,
+                 *, read: str = "system,security", write: str = "system"):
         self.username, self.secret = username, secret
-        self.sock = in_netns(ns, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        self.read, self.write = set(read.split(",")), set(write.split(","))
+        self.host = host
+
+        def make() -> socket.socket:
+            return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+
+        self.sock = in_netns(ns, make) if ns else make()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
+        self.port = self.sock.getsockname()[1]
         self.sock.listen(16)
         self.sock.settimeout(0.2)
         self.clients: list[socket.socket] = []
+        self.sessions: list[_Session] = []
+        self.actions: list[dict[str, str]] = []
         self.logins = 0
         self.sent_events = 0
         self._lock = threading.Lock()
@@ -156,13 +193,14 @@ class AmiServer:
     def _accept(self) -> None:
         while not self._stop:
             try:
-                c, _ = self.sock.accept()
+                c, peer = self.sock.accept()
             except (TimeoutError, OSError):
                 continue
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+            threading.Thread(target=self._serve, args=(c, peer), daemon=True).start()
 
-    def _serve(self, c: socket.socket) -> None:
+    def _serve(self, c: socket.socket, peer: tuple[str, int]) -> None:
         c.settimeout(None)
+        s = _Session(c, peer)
         with contextlib.suppress(OSError):
             c.sendall(BANNER)
             buf = b""
@@ -173,33 +211,67 @@ class AmiServer:
                 buf += data
                 while b"\r\n\r\n" in buf:
                     raw, buf = buf.split(b"\r\n\r\n", 1)
-                    if not self._action(c, _fields(raw)):
+                    if not self._action(s, _fields(raw)):
                         return
-        with self._lock:
-            if c in self.clients:
-                self.clients.remove(c)
-        c.close()
+        self._drop(s)
 
-    def _action(self, c: socket.socket, a: dict[str, str]) -> bool:
+    def _drop(self, s: _Session) -> None:
+        with self._lock:
+            if s.c in self.clients:
+                self.clients.remove(s.c)
+            if s in self.sessions:
+                self.sessions.remove(s)
+        s.c.close()
+
+    def _security(self, s: _Session, event: str, **values: str) -> None:
+        """A security event about session `s`, to every session reading class security."""
+        now = event_tv()
+        frame = render_event(event, Service="AMI", AccountID=self.username, SessionID=s.session_id,
+                             LocalAddress=address(self.host, self.port, "TCP"),
+                             RemoteAddress=address(s.peer[0], s.peer[1], "TCP"),
+                             SessionTV=s.session_tv or now, EventTV=now, **values)
+        if "security" in self.read:
+            with self._lock:
+                targets = [x for x in self.sessions if x.events]
+            for x in targets:
+                with contextlib.suppress(OSError):
+                    x.c.sendall(frame)
+
+    def _action(self, s: _Session, a: dict[str, str]) -> bool:
+        self.actions.append(a)
+        c = s.c
         aid = a.get("actionid", "").encode()
         act = a.get("action", "").lower()
         if act == "login":
             if a.get("username") == self.username and a.get("secret") == self.secret:
-                c.sendall(LOGIN_OK % aid + FULLY_BOOTED)
+                s.logged_in, s.events = True, a.get("events", "on").lower() != "off"
+                s.session_tv = event_tv()
+                c.sendall(LOGIN_OK % aid + (FULLY_BOOTED if s.events and "system" in self.read else b""))
                 with self._lock:
                     self.clients.append(c)
+                    self.sessions.append(s)
                 self.logins += 1
+                self._security(s, "SuccessfulAuth", UsingPassword="0")
                 return True
             time.sleep(1.0)  # Asterisk delays a failed login by a second, then hangs up
             c.sendall(LOGIN_FAILED % aid)
             return False
-        if act == "ping":
-            c.sendall(PONG % (aid, f"{time.time():.6f}".encode()))
-        elif act == "reload":
-            c.sendall(RELOADED % aid)
-        elif act == "logoff":
+        if act == "logoff":
             c.sendall(GOODBYE % aid)
             return False
+        if act not in WRITE_CLASS:
+            c.sendall(UNKNOWN_ACTION % (aid, a.get("action", "").encode()))
+            self._security(s, "RequestBadFormat", RequestType=f"Action: {a.get('action', '')}")
+            return True
+        need = WRITE_CLASS[act]
+        if need is not None and not need & self.write:
+            c.sendall(PERMISSION_DENIED % aid)
+            self._security(s, "RequestNotAllowed", RequestType=f"Action: {a.get('action', '')}")
+        elif act == "ping":
+            c.sendall(PONG % (aid, f"{time.time():.6f}".encode()))
+        elif act == "reload":
+            module = a.get("module", "").encode()
+            c.sendall(RELOADED % aid + (RELOAD_EVENT % module if s.events and "system" in self.read else b""))
         else:
             c.sendall(UNKNOWN_ACTION % (aid, a.get("action", "").encode()))
         return True
