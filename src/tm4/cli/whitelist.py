@@ -28,15 +28,18 @@ def _services_or_menu(services: tuple[str, ...]) -> list[str]:
 def _entry_line(e: dict[str, Any]) -> str:
     exp = e["expires"] or "permanent"
     stale = "  STALE" if e.get("stale") else ""
-    return f"{e['name']:24} {','.join(e['sources']):36} {','.join(e['services']):28} {e['origin']:8} {exp}{stale}"
+    svcs = f"zone {e['zone']}" if e.get("zone") else ",".join(e["services"])
+    return f"{e['name']:24} {','.join(e['sources']):36} {svcs:28} {e['origin']:8} {exp}{stale}"
 
 
 def _do_add(ctx: Ctx, name: str, sources: list[str], services: list[str], ttl: str | None,
-            note: str, replace: bool, force: bool, endpoints: list[str] | None = None) -> None:
+            note: str, replace: bool, force: bool, endpoints: list[str] | None = None,
+            zone: str | None = None) -> None:
     e = ctx.call("allow", {"name": name, "sources": sources, "services": services, "ttl": ttl,
                            "note": note, "replace": replace, "force": force,
-                           **({"endpoints": endpoints} if endpoints else {})})
-    click.echo(f"allowed {e['name']}: {', '.join(e['sources'])} -> {', '.join(e['services'])}"
+                           **({"endpoints": endpoints} if endpoints else {}), **({"zone": zone} if zone else {})})
+    zone_text = f"zone {e['zone']}: " if e.get("zone") else ""
+    click.echo(f"allowed {e['name']}: {', '.join(e['sources'])} -> {zone_text}{', '.join(e['services']) or 'nothing'}"
                + (f" until {e['expires']}" if e["expires"] else ""))
 
 
@@ -50,11 +53,14 @@ def _do_add(ctx: Ctx, name: str, sources: list[str], services: list[str], ttl: s
 @click.option("--force", is_flag=True, help="allow very wide networks and lock-out risks")
 @click.option("--endpoint", "endpoints", multiple=True, metavar="NAME",
               help="PJSIP endpoint this entry serves: only its sources may register as it (repeatable)")
+@click.option("--zone", default=None, metavar="ZONE",
+              help="instead of --service: the zone's services (trusted, local, other, internet, [zones.NAME])")
 @pass_ctx
 def add(ctx: Ctx, name: str, sources: tuple[str, ...], services: tuple[str, ...], ttl: str | None,
-        note: str, replace: bool, force: bool, endpoints: tuple[str, ...]) -> None:
-    """Whitelist NAME: addresses, networks or DNS names, for some services."""
-    _do_add(ctx, name, list(sources), _services_or_menu(services), ttl, note, replace, force, list(endpoints))
+        note: str, replace: bool, force: bool, endpoints: tuple[str, ...], zone: str | None) -> None:
+    """Whitelist NAME: addresses, networks or DNS names, for some services or a zone."""
+    _do_add(ctx, name, list(sources), list(services) if zone else _services_or_menu(services), ttl, note,
+            replace, force, list(endpoints), zone)
 
 
 @click.command("del")

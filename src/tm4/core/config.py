@@ -107,6 +107,14 @@ class ServiceKey(str):
     """The name of a [services.NAME] table: lower case letters, digits, '-' and '_'."""
 
 
+class ZoneKey(str):
+    """A zone name ([zones.NAME], [interfaces] values): lower case letters, digits, '-', '_'."""
+
+
+class IfName(str):
+    """A network interface name as `ip link` shows it (at most 15 characters)."""
+
+
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 Count = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
 Argv = Annotated[list[Annotated[str, msgspec.Meta(min_length=1)]], msgspec.Meta(max_length=64)]
@@ -247,6 +255,13 @@ class ServiceTable:
     description: Line = ""
 
 
+@dataclass
+class ZoneTable:
+    """[zones.NAME]: the services a zone's members (entries, interfaces) reach."""
+
+    services: list[ServiceName] = field(default_factory=list)
+
+
 # Every top-level key of the file and its type: a section (dataclass), a map of tables
 # (dict[KeyType, dataclass]) or a plain value.
 SECTIONS: dict[str, Any] = {
@@ -261,6 +276,8 @@ SECTIONS: dict[str, Any] = {
     "daemon": DaemonConfig,
     "knock": KnockConfig,
     "sip_admission": SipAdmissionConfig,
+    "zones": dict[ZoneKey, ZoneTable],
+    "interfaces": dict[IfName, ZoneKey],
 }
 
 # The plain [section] tables, in file order (the skeleton of `tm4 init` is made from them).
@@ -282,6 +299,8 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     knock: KnockConfig = field(default_factory=KnockConfig)
     sip_admission: SipAdmissionConfig = field(default_factory=SipAdmissionConfig)
+    zones: dict[str, ZoneTable] = field(default_factory=dict)
+    interfaces: dict[str, str] = field(default_factory=dict)  # interface name -> zone
     services: dict[str, Service] = field(default_factory=build_catalogue)
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -346,7 +365,21 @@ def _sip_admission(cfg: Config) -> None:
                   "can start anywhere in a TCP segment and TLS cannot be read")
 
 
-CHECKS: list[Callable[[Config], None]] = [_known_services, _refresh_bounds, _sip_admission]
+def _zones(cfg: Config) -> None:
+    from tm4.core.zones import zone_names
+
+    for name, z in cfg.zones.items():
+        try:
+            resolve_services(z.services, cfg.services) if z.services else ()
+        except Tm4Error as exc:
+            raise Bad(f"[zones.{name}] services", str(exc)) from None
+    known = zone_names(cfg)
+    for iface, zone in cfg.interfaces.items():
+        if zone not in known:
+            raise Bad(f"[interfaces] {iface}", f"no zone named {_shown(zone)} (zones: {', '.join(known)})")
+
+
+CHECKS: list[Callable[[Config], None]] = [_known_services, _refresh_bounds, _sip_admission, _zones]
 
 
 # -- the checks of the value types ----------------------------------------------------------
@@ -543,7 +576,18 @@ _CHECKS: dict[type, Callable[[Any], Any]] = {
     NetnsName: _netns,
     ServiceName: _service_name,
     ServiceKey: _service_key,
+    ZoneKey: lambda v: _pattern(v, r"[a-z][a-z0-9_-]{0,31}", "a zone name must be lower case letters, digits, "
+                                "'-' or '_'"),
+    IfName: lambda v: _pattern(v, r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,14}", "an interface name must be 1-15 "
+                               "letters, digits, '_', '.', '@' or '-'"),
 }
+
+
+def _pattern(v: Any, pattern: str, what: str) -> str:
+    s = _text(v)
+    if not re.fullmatch(pattern, s):
+        raise ValueError(f"{what}, got {_shown(v)}")
+    return s
 
 
 def _dec_hook(tp: type, value: Any) -> Any:

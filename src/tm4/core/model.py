@@ -212,6 +212,8 @@ class Entry:
     stale_since: datetime | None = None
     # PJSIP endpoints this entry serves: each gets a named ACL `tm4-<endpoint>` (tm4.asterisk.acl).
     endpoints: tuple[str, ...] = ()
+    # The zone whose services this entry has (tm4.core.zones), or None: services of its own.
+    zone: str | None = None
 
     def networks(self) -> list[IPNetwork]:
         """Every network this entry grants right now: literal ones plus resolved names."""
@@ -238,6 +240,7 @@ class Entry:
             "note": self.note,
             "stale": self.stale_since is not None,
             "endpoints": list(self.endpoints),
+            "zone": self.zone,
         }
 
 

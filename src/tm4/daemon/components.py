@@ -198,6 +198,20 @@ async def _run_fail2ban(d: Daemon, mod: Any) -> None:
         await asyncio.sleep(1.0)
 
 
+async def _run_zones(d: Daemon, mod: Any) -> None:
+    # Restarted whenever [zones] or [services] change: members follow their zone once, then wait.
+    try:
+        changed = mod.reconcile(d.core, actor="tm4d")
+    except ConfigError as exc:  # a zone in use was deleted: members keep their services
+        log.error("event=zone_in_use reason=%r", str(exc))
+        notify.alert("zone_in_use", str(exc))
+        changed = []
+    if changed:
+        log.info("event=zone_members_updated entries=%s", ",".join(changed))
+        d.after_change("zones")
+    await asyncio.Event().wait()
+
+
 def default_components() -> list[Component]:
     return [
         Component("guard", "tm4.guard.runtime", _run_guard, ("ami", "guard", "firewall"),
@@ -208,6 +222,7 @@ def default_components() -> list[Component]:
         Component("knock", "tm4.knock.sequence", _run_knock, ("knock",),
                   wanted=lambda cfg: cfg.knock.enabled and cfg.knock.activate),
         Component("blocklists", "tm4.sources.blocklists", _run_blocklists),
+        Component("zones", "tm4.ops.zones", _run_zones, ("zones", "services")),
         Component("fail2ban", "tm4.sources.fail2ban", _run_fail2ban,
                   wanted=_fail2ban_wanted),
     ]

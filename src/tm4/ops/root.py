@@ -60,7 +60,8 @@ def _origin(args: dict[str, Any], default: Origin = Origin.ADMIN) -> Origin:
 def op_allow(core: Core, a: dict[str, Any]) -> Any:
     e = core.allow(_str(a, "name"), _strs(a, "sources"), _strs(a, "services"), ttl=_ttl(a),
                    note=_str(a, "note", ""), origin=_origin(a), actor=_str(a, "actor", ""),
-                   replace=_bool(a, "replace"), force=_bool(a, "force"), endpoints=_strs(a, "endpoints"))
+                   replace=_bool(a, "replace"), force=_bool(a, "force"), endpoints=_strs(a, "endpoints"),
+                   zone=_str(a, "zone", "") or None)
     return e.to_json()
 
 
