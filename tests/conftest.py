@@ -32,6 +32,17 @@ def need_root_tools(*tools: str) -> None:
         pytest.skip(reason)
 
 
+def real_asterisk() -> str:
+    """The real Asterisk binary named by TM4_ASTERISK. Asterisk is in neither Debian 12 nor
+    PyPI, so without it these tests skip, even in CI (the one kind of test that may)."""
+    path = os.environ.get("TM4_ASTERISK", "")
+    if not path:
+        pytest.skip("TM4_ASTERISK does not name an Asterisk binary")
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"TM4_ASTERISK={path} is not an executable")
+    return path
+
+
 @pytest.fixture
 def lab() -> Iterator[Lab]:
     need_root_tools("ip", "nft")

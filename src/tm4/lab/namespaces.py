@@ -55,6 +55,7 @@ class Lab:
         self.ami: Any = None
         self.tm4d: subprocess.Popen[Any] | None = None
         self.dnsmasq: subprocess.Popen[Any] | None = None
+        self.asterisk_dir = self.tmp / "asterisk"  # a real Asterisk's astetcdir when the lab runs one
 
     # -- namespaces ------------------------------------------------------------------
     def netns(self, role: str) -> str:
@@ -126,7 +127,7 @@ class Lab:
 
     # -- parts ---------------------------------------------------------------------------
     def write_config(self) -> None:
-        (self.tmp / "asterisk").mkdir()
+        self.asterisk_dir.mkdir(exist_ok=True)
         self.config.write_text(f"""\
 # written by `tm4 lab`
 state_dir = "{self.tmp / 'state'}"
@@ -145,7 +146,7 @@ refresh_min = "1s"
 refresh_max = "10s"
 timeout = "1s"
 [asterisk]
-config_dir = "{self.tmp / 'asterisk'}"
+config_dir = "{self.asterisk_dir}"
 [daemon]
 socket = "{self.socket}"
 fastagi = "127.0.0.1:4573"
