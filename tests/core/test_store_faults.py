@@ -290,3 +290,30 @@ def test_origin_of_a_quarantined_row_is_kept_verbatim(tmp_path: Path) -> None:
     row = next(q for q in store.quarantined() if q.key == "192.0.2.66").row
     assert row["origin"] == "martian" and row["lo"] == "zz"
     assert Origin.GUARD.value == "guard"
+
+
+class FailingMetaWrite(FailingCommit):
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql.startswith("INSERT INTO meta"):
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._db.execute(sql, *args)
+
+
+def test_a_write_failing_after_the_kernel_change_in_an_outer_transaction_takes_it_back(tmp_path: Path) -> None:
+    """Callers (dial-in, DNS) wrap a grant in a transaction of their own and write more
+    after it: a failure there, after the kernel took the element, undoes it too."""
+    kernel = MemoryKernel()
+    core = make_core(tmp_path / "state", kernel)
+    core.apply()
+    before = {k: set(v) for k, v in kernel.sets.items()}
+    real = core.store._db
+    with pytest.raises(StoreError, match="no space left on"), core.store.transaction():
+        core.allow("dialin-1", ["198.51.100.7"], ["sip-udp"], ttl=timedelta(hours=1))
+        assert "198.51.100.7" in kernel.addresses()
+        core.store._db = FailingMetaWrite(real)  # type: ignore[assignment]
+        try:
+            core.store.set_meta("dialin_last", "x")
+        finally:
+            core.store._db = real
+    assert {k: v for k, v in kernel.sets.items() if v} == {k: v for k, v in before.items() if v}
+    assert core.entries() == []

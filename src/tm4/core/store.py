@@ -296,6 +296,9 @@ class Store:
         try:
             try:
                 yield self._db
+            except sqlite3.Error as exc:  # a write that failed (full disk) is one line, typed
+                self._rollback()
+                raise self._write_error(exc) from None
             except BaseException:
                 self._rollback()
                 raise
