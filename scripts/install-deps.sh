@@ -25,7 +25,7 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import tm4, pytest, hypothesis, panoramisk, asterisk.agi, dns.resolver, click, importlinter" 2>/dev/null \
+if ! .venv/bin/python -c "import tm4, pytest, hypothesis, panoramisk, dns.resolver, click, importlinter" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.installed ]; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -e ".[test]"
