@@ -29,6 +29,9 @@ class Tm4Group(click.Group):
             return super().main(args, prog_name, complete_var, False, **extra)
         try:
             rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # `tm4 zones`: the group's help is the answer
+            click.echo(exc.format_message(), err=True)
+            sys.exit(exc.exit_code)
         except click.UsageError as exc:
             click.echo(usage_line(exc), err=True)
             sys.exit(exc.exit_code)
