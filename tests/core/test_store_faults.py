@@ -16,11 +16,13 @@ from typing import Any
 import pytest
 from conftest import need_root_tools
 from fakes import MemoryKernel
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from store_trouble import T0, fill, poison, small_tmpfs
 
 from tm4.core.config import parse_config
 from tm4.core.errors import ApplyError, StoreError
-from tm4.core.model import Origin, format_time, parse_time, utcnow
+from tm4.core.model import Origin, format_time, never_source_reason, parse_time, utcnow
 from tm4.core.store import Store
 from tm4.ops.engine import Core
 
@@ -317,3 +319,43 @@ def test_a_write_failing_after_the_kernel_change_in_an_outer_transaction_takes_i
             core.store._db = real
     assert {k: v for k, v in kernel.sets.items() if v} == {k: v for k, v in before.items() if v}
     assert core.entries() == []
+
+
+_text = st.one_of(st.none(), st.text(max_size=40), st.integers(-5, 2**40).map(str),
+                  st.sampled_from(["224.0.0.1", "ff02::/64", "192.0.2.7", "admin", "guard", T0,
+                                   "2026-01-02T03:04:05.678Z", "[]", "{}", '["ssh"]', '["224.0.0.1"]',
+                                   '{"x.example.com": ["ff02::1"]}', "0" * 8, "e0000001"]))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ban=st.fixed_dictionaries({k: _text for k in ("address", "reason", "origin", "created", "expires", "lo",
+                                                     "hi")}),
+       entry=st.fixed_dictionaries({k: _text for k in ("name", "sources", "services", "origin", "created",
+                                                       "expires", "note", "resolved", "endpoints")}),
+       family=st.sampled_from([4, 6, 5, None]))
+def test_no_row_whatever_it_holds_takes_a_reader_down(tmp_path_factory: pytest.TempPathFactory,
+                                                      ban: dict[str, Any], entry: dict[str, Any],
+                                                      family: int | None) -> None:
+    store = Store(tmp_path_factory.mktemp("s") / "tm4.db")
+    raw = sqlite3.connect(store.path)
+    with contextlib.suppress(sqlite3.Error):  # NOT NULL and friends: SQLite itself refuses some
+        raw.execute("INSERT INTO bans(address, reason, origin, created, expires, offences, family, lo, hi)"
+                    " VALUES(?,?,?,?,?,1,?,?,?)", (ban["address"], ban["reason"], ban["origin"], ban["created"],
+                                                  ban["expires"], family, ban["lo"], ban["hi"]))
+    with contextlib.suppress(sqlite3.Error):
+        raw.execute("INSERT INTO entries(name, sources, services, origin, created, expires, note, resolved,"
+                    " endpoints) VALUES(?,?,?,?,?,?,?,?,?)", tuple(entry[k] for k in (
+                        "name", "sources", "services", "origin", "created", "expires", "note", "resolved",
+                        "endpoints")))
+    raw.commit()
+    raw.close()
+    bans, entries = store.bans(), store.entries()
+    store.set_items(utcnow())
+    for b in bans:
+        assert never_source_reason(b.network) is None
+    for e in entries:
+        assert all(never_source_reason(n) is None for n in e.networks())
+    event(f"quarantined={len(store.quarantined())}")
+    n_rows = sum(store.rows(f"SELECT count(*) FROM {t}")[0][0] for t in ("bans", "entries"))
+    assert n_rows == len(bans) + len(entries)  # what did not parse was moved, not left behind
+    store.close()
