@@ -24,7 +24,7 @@ from tm4.core.config import Config
 from tm4.core.durations import parse_duration
 from tm4.core.errors import ConflictError, NotFoundError, Tm4Error, ValidationError
 from tm4.core.model import IPNetwork, format_time, net_text, parse_time, validate_network
-from tm4.core.rules import Element, NftSet, Ruleset, interval, union_elements, wl_set
+from tm4.core.rules import NftSet, Ruleset, interval, union_elements, wl_set
 from tm4.core.store import Store
 from tm4.sources import fetch as fetch_mod
 
@@ -402,7 +402,3 @@ def ruleset_extra(config: Config, store: Store) -> Ruleset | None:
                               for s in sorted(config.services) for net in (False, True))
             rs.early_rules.append(f"{ipf} saddr @{name} {exempt} counter drop")
     return rs
-
-
-def elements_of(rs: Ruleset, name: str) -> tuple[Element, ...]:
-    return rs.sets[name].elements
