@@ -184,6 +184,11 @@ def test_fail2ban_never_bans_a_whitelisted_phone_but_still_bans_an_attacker(tmp_
         lab.fail("203.0.113.67")
         assert wait_for(lambda: "203.0.113.67" in lab.banned(), timeout=20), lab.banned()
         assert "198.51.100.7" not in lab.banned() and "203.0.113.70" not in lab.banned()
+        # Banned first, whitelisted after (a user who dials in): let out at the sync.
+        core.allow("dialled-in", ["203.0.113.67"], ["sip-udp"])
+        res = f2b_mod.sync(core, f2b)
+        assert res.unbanned == ["asterisk 203.0.113.67"], res
+        assert "203.0.113.67" not in lab.banned()
     finally:
         lab.stop()
     assert time.monotonic() - started < 60

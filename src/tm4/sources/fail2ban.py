@@ -13,6 +13,7 @@ is read last, so its `ignoreip` is what those jails use.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import ipaddress
 import os
@@ -142,6 +143,24 @@ class Fail2ban:
         """Reload these jails; the ones that failed."""
         return [j for j in jails if self._run("reload", j) is None]
 
+    def banned(self) -> dict[str, list[str]]:
+        """Jail -> banned addresses (`fail2ban-client banned` prints a Python literal)."""
+        out = self._run("banned")
+        try:
+            value = ast.literal_eval(out.strip()) if out else []
+        except (ValueError, SyntaxError):
+            return {}
+        found: dict[str, list[str]] = {}
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, dict):
+                for jail, ips in item.items():
+                    if isinstance(ips, list):
+                        found.setdefault(str(jail), []).extend(str(i) for i in ips)
+        return found
+
+    def unban(self, jail: str, address: str) -> bool:
+        return self._run("set", jail, "unbanip", address) is not None
+
 
 @dataclass
 class SyncResult:
@@ -149,6 +168,21 @@ class SyncResult:
     reloaded: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     addresses: int = 0
+    unbanned: list[str] = field(default_factory=list)  # "jail address": banned before being whitelisted
+
+
+def covered(address: str, addresses: Sequence[str]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    for a in addresses:
+        try:
+            if ip in ipaddress.ip_network(a, strict=False):
+                return True
+        except ValueError:
+            continue
+    return False
 
 
 def sync(core: Core, f2b: Fail2ban) -> SyncResult:
@@ -171,6 +205,12 @@ def push(f2b: Fail2ban, addrs: Sequence[str], *, only_if_running: bool = False) 
         active = [j for j in f2b.jails if j in f2b.active_jails()]
         res.failed = f2b.reload(active)
         res.reloaded = [j for j in active if j not in res.failed]
+        # ignoreip stops new bans only: a user banned before being whitelisted (who then
+        # dialled in, say) is let out now.
+        for jail, ips in f2b.banned().items():
+            for ip in ips:
+                if jail in active and covered(ip, addrs) and f2b.unban(jail, ip):
+                    res.unbanned.append(f"{jail} {ip}")
     return res
 
 
