@@ -226,6 +226,9 @@ def init(ctx: Ctx, write: bool, overwrite: bool, trust: tuple[str, ...], asteris
         if det.lan:
             click.echo("  (private ranges are NOT trusted automatically: cloud providers route them"
                        " between customers)")
+        for itf in det.interfaces:
+            click.echo(f"interface:        {itf['name']} ({itf['kind']}; offered, not trusted: "
+                       f"add [interfaces] {itf['name']} = \"local\" or \"trusted\" to tm4.toml)")
         for svc, ports in det.sip.items():
             click.echo(f"Asterisk {svc}:  port(s) {ports}")
         if det.rtp:

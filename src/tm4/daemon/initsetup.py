@@ -175,10 +175,33 @@ class Detected:
     sip: dict[str, str] = field(default_factory=dict)  # service -> ports, from pjsip.conf
     rtp: str = ""
     notes: list[str] = field(default_factory=list)
+    # Tunnels and private LAN interfaces that could be put in a zone (offered, never trusted).
+    interfaces: list[dict[str, str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"addresses": self.addresses, "lan": self.lan, "ssh_clients": self.ssh_clients,
-                "sip": self.sip, "rtp": self.rtp, "notes": self.notes}
+                "sip": self.sip, "rtp": self.rtp, "notes": self.notes, "interfaces": self.interfaces}
+
+
+TUNNEL_NAME = re.compile(r"(wg|tun|tap|ppp|ipsec|vti|gre|zt|tailscale)\w*")
+
+
+def zone_candidates(ip_json: str, public: set[str]) -> list[dict[str, str]]:
+    """Interfaces worth a zone in `[interfaces]`: tunnels (WireGuard, OpenVPN...) and LAN
+    interfaces with private addresses, never one a default route leaves by."""
+    out: list[dict[str, str]] = []
+    for link in json.loads(ip_json or "[]"):
+        name = str(link.get("ifname", ""))
+        if not name or name == "lo" or name in public:
+            continue
+        if TUNNEL_NAME.fullmatch(name) or link.get("link_type") == "none":
+            out.append({"name": name, "kind": "tunnel"})
+            continue
+        for a in link.get("addr_info", []):
+            if a.get("scope") == "global" and ipaddress.ip_address(a["local"]).is_private:
+                out.append({"name": name, "kind": "lan"})
+                break
+    return out
 
 
 def server_addresses(ip_json: str | None = None) -> tuple[list[str], list[str]]:
@@ -258,6 +281,14 @@ def detect(asterisk_dir: Path = Path("/etc/asterisk"), ip_json: str | None = Non
 
     d = Detected()
     d.addresses, d.lan = server_addresses(ip_json)
+    from tm4.ops.zones import public_interfaces
+
+    try:
+        links = ip_json if ip_json is not None else subprocess.run(
+            ["ip", "-j", "addr"], capture_output=True, text=True, check=True, timeout=10).stdout
+        d.interfaces = zone_candidates(links, public_interfaces() if ip_json is None else set())
+    except (OSError, subprocess.SubprocessError, ValueError):
+        d.interfaces = []
     d.ssh_clients = ssh_clients if ssh_clients is not None else ssh_client_addresses()
     d.sip, d.rtp, d.notes = asterisk_ports(asterisk_dir)
     return d
