@@ -206,3 +206,42 @@ def test_apply_carries_admitted_sources_over_and_removing_a_domain_ends_its_admi
     assert sends(stranger, PBX4, invite(f"1001@{PBX4}"))
     assert not sends(other, PBX4, invite(f"1001@{PBX4}"))
     assert not sends(other, PBX4, register("second.example.net"))
+
+
+def test_the_guard_still_bans_an_admitted_source(lab: Lab, pbx: Echo, stranger: Host, tmp_path: Path) -> None:
+    """Admission is not trust: the guard's policy counts the admitted phone's failures
+    like anyone's, and its ban (applied as the guard's runtime applies it) wins."""
+    from amisim import address, render_event
+
+    from tm4.asterisk.events import FrameParser, to_security_event
+    from tm4.core.model import Origin
+    from tm4.guard.policy import BanDecision, Guard
+
+    def wrong_password(n: int):  # noqa: ANN202 - a SecurityEvent
+        frame = FrameParser().feed(render_event(
+            "ChallengeResponseFailed", Service="PJSIP", RemoteAddress=address(stranger.v4, 5060),
+            SessionID=f"call-{n}", AccountID="1001", Challenge=f"1795236590/{n:032x}",
+            Response=f"{n:08x}" * 4, ExpectedResponse=""))[0]
+        return to_security_event(frame)
+
+    core = admission(lab, tmp_path)
+    assert sends(stranger, PBX4, register(SECRET))
+    guard = Guard(core.config.guard)
+    decisions = [d for i in range(core.config.guard.failures) for d in guard.observe(wrong_password(i), float(i))]
+    ban = next(d for d in decisions if isinstance(d, BanDecision))
+    core.block(ban.network, ttl=ban.ttl, reason=ban.reason, origin=Origin.GUARD,  # type: ignore[arg-type]
+               actor=f"ami:{ban.event.value} x{ban.count}", offences=ban.offences)
+    assert admitted(core) == [stranger.v4]  # still in its set, yet:
+    assert not sends(stranger, PBX4, invite(f"1001@{PBX4}"))
+    assert not sends(stranger, PBX4, register(SECRET))
+
+
+def test_admitted_sources_are_not_drift(lab: Lab, pbx: Echo, stranger: Host, tmp_path: Path) -> None:
+    from tm4.ops import drift
+
+    core = admission(lab, tmp_path)
+    assert not drift.check(core)
+    assert sends(stranger, PBX4, register(SECRET))
+    assert sends(stranger, PBX4, invite(f"1001@{PBX4}"))
+    report = drift.check(core)
+    assert not report, report.summary()
