@@ -6,6 +6,7 @@ import ipaddress
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cli_support import store_only_cli
@@ -16,7 +17,8 @@ from netlab import Echo, Lab
 
 from tm4.core.config import parse_config
 from tm4.core.errors import ConflictError, NotFoundError, ValidationError
-from tm4.core.model import parse_network
+from tm4.core.model import Entry, Source, parse_network
+from tm4.core.store import Store
 from tm4.ops.engine import Core
 from tm4.sources import blocklists as bl_mod
 
@@ -188,3 +190,27 @@ def test_the_servers_real_addresses_are_never_listed(lab: Lab, tmp_path: Path) -
     with pytest.raises(ValidationError, match="your SSH client 203.0.113.77"):
         bl_mod.add(core_ssh, "x", str(f))
     assert bl_mod.lists(core.store) == []
+
+
+nets_in_lab = st.lists(st.tuples(st.integers(0, 255), st.integers(26, 32)).map(
+    lambda t: ipaddress.ip_network(f"203.0.113.{t[0]}/{t[1]}", strict=False)), min_size=1, max_size=8)
+
+
+@settings(max_examples=40, deadline=None)
+@given(listed=nets_in_lab, whitelisted=nets_in_lab)
+def test_rendered_sets_never_hold_a_whitelisted_address(tmp_path_factory: pytest.TempPathFactory,
+                                                        listed: list[Any], whitelisted: list[Any]) -> None:
+    cfg = parse_config({"state_dir": str(tmp_path_factory.mktemp("s"))})
+    store = Store(cfg.store_path)
+    for i, n in enumerate(whitelisted):
+        store.put_entry(Entry(f"e{i}", (Source.parse(str(n)),), ("ssh",)))
+    bl_mod._put(store, bl_mod.Blocklist("x", "/x", nets=listed))
+    rs = bl_mod.ruleset_extra(cfg, store)
+    assert rs is not None
+    elems = rs.sets[bl_mod.set_name("x", 4)].elements
+    got = {a for e in elems for a in range(e.lo, e.hi + 1)}
+    want = ({int(a) for n in listed for a in (n.network_address + i for i in range(n.num_addresses))}
+            - {int(a) for n in whitelisted for a in (n.network_address + i for i in range(n.num_addresses))})
+    assert got == want
+    assert rs.early_rules[0].startswith("ip saddr @bl4n_x ip saddr != @wl4_all ")
+    store.close()
