@@ -126,7 +126,11 @@ def test_admitted_sources_reach_the_admission_services_only() -> None:
 
 def test_off_without_domains_and_refused_on_iptables() -> None:
     assert sip.ruleset_extra(config(), store=None) is None  # type: ignore[arg-type]
-    cfg = parse_config({"firewall": {"backend": "iptables"}, "sip_admission": {"domains": [SECRET]}})
+    with pytest.raises(ConfigError, match=r'\[sip_admission\] domains: needs \[firewall\] backend = "nft"'):
+        parse_config({"firewall": {"backend": "iptables"}, "sip_admission": {"domains": [SECRET]}})
+    assert parse_config({"firewall": {"backend": "iptables"}, "sip_admission": {"domains": []}})
+    cfg = config(domains=[SECRET])
+    cfg.firewall.backend = "iptables"  # a config object made without the file checks
     with pytest.raises(ConfigError, match='needs firewall.backend = "nft"'):
         sip.ruleset_extra(cfg, store=None)  # type: ignore[arg-type]
 
@@ -179,3 +183,22 @@ def test_payload_pieces_are_at_most_128_bits_and_cover_the_bytes(data: bytes, of
         assert int(bits) <= 128 and int(off) == (offset + len(got)) * 8
         got += bytes.fromhex(hexa)
     assert got == data
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.text(max_size=300), _NAME, st.binary(max_size=40).map(lambda b: b.decode("latin-1"))),
+                max_size=5))
+def test_any_domains_are_refused_cleanly_or_render_loadable_pieces(domains: list[str]) -> None:
+    """Hostile config input: a clean ConfigError, or rules whose every raw piece is
+    within nft's limits and whose chains cover every configured name."""
+    try:
+        cfg = config(domains=domains)
+    except ConfigError as exc:
+        assert "[sip_admission]" in str(exc)
+        return
+    rs = sip.render_admission(cfg, sip.settings(cfg))
+    for rule in rs.chains[sip.REGISTER_CHAIN]:
+        for off, bits, hexa in _PIECE.findall(rule):
+            assert 0 < int(bits) <= 128 and len(hexa) * 4 == int(bits) and int(off) % 8 == 0
+    for d in domains:
+        assert kernel_admits(rs, f"REGISTER sip:{d.rstrip('.')} SIP/2.0".encode()) == sip.admit_chain(d)

@@ -349,6 +349,9 @@ def _refresh_bounds(cfg: Config) -> None:
 
 def _sip_admission(cfg: Config) -> None:
     sa = cfg.sip_admission
+    if sa.domains and cfg.firewall.backend != "nft":
+        raise Bad("[sip_admission] domains", 'needs [firewall] backend = "nft" (the REGISTER is matched on '
+                  "the first bytes of the UDP payload, which the iptables backend does not translate)")
     for i, name in enumerate(sa.domains):
         labels = name.rstrip(".").split(".")
         if _ip(name) or len(labels) < 2 or not all(
