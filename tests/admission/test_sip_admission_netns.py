@@ -106,6 +106,13 @@ def test_every_terminator_admits(lab: Lab, pbx: Echo, stranger: Host, tmp_path: 
     assert admitted(core) == [stranger.v4]
 
 
+def test_a_datagram_ending_with_the_name_admits(lab: Lab, pbx: Echo, stranger: Host, tmp_path: Path) -> None:
+    core = admission(lab, tmp_path)
+    assert not sends(stranger, PBX4, f"REGISTER sip:{SECRET[:-1]}".encode())
+    assert sends(stranger, PBX4, f"REGISTER sip:{SECRET}".encode())
+    assert admitted(core) == [stranger.v4]
+
+
 def test_the_name_as_configured_and_in_lower_case(lab: Lab, pbx: Echo, stranger: Host, tmp_path: Path) -> None:
     core = admission(lab, tmp_path, ["Xq356JQ.DynDNS.org"])
     assert not sends(stranger, PBX4, register("XQ356JQ.DYNDNS.ORG"))
