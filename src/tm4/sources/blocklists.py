@@ -11,6 +11,7 @@ the admin's SSH client is refused (on `add` and on every refresh).
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import re
@@ -382,19 +383,41 @@ def refresh(core: Core, names: Sequence[str] = (), *, due_only: bool = False, ac
 
 # -- rendering -----------------------------------------------------------------
 
+# Parsed intervals per list copy: every render (apply, drift check, status) would
+# otherwise parse the stored networks again (0.8 s for 50,000).
+_CACHE: dict[tuple[str, str | None, str], dict[int, list[Interval]]] = {}
+
+
+def _intervals(name: str, fetched: str | None, nets_json: str) -> dict[int, list[Interval]]:
+    key = (name, fetched, hashlib.sha256(nets_json.encode()).hexdigest())
+    got = _CACHE.get(key)
+    if got is None:
+        if len(_CACHE) > 64:
+            _CACHE.clear()
+        nets: list[IPNetwork] = []
+        for t in json.loads(nets_json or "[]"):
+            try:
+                nets.append(ipaddress.ip_network(t))
+            except ValueError:
+                continue
+        got = _CACHE[key] = by_family(nets)
+    return got
+
+
 def ruleset_extra(config: Config, store: Store) -> Ruleset | None:
     """A set per list and family, and its drop rule ahead of every accept."""
-    bls = [b for b in lists(store) if b.nets]
-    if not bls:
+    rows = [r for r in store.rows("SELECT name, fetched, nets FROM blocklists ORDER BY name")
+            if r["nets"] and r["nets"] != "[]"]
+    if not rows:
         return None
     # Carve the whole whitelist out (every entry in the store: an expired one the
     # sweeper has not removed yet only keeps a hole a little longer).
     holes = by_family(n for e in store.entries() for n in e.networks())
     rs = Ruleset()
-    for bl in bls:
-        fams = by_family(bl.nets)
+    for r in rows:
+        fams = _intervals(r["name"], r["fetched"], r["nets"])
         for v, ipf in ((4, "ip"), (6, "ip6")):
-            name = set_name(bl.name, v)
+            name = set_name(r["name"], v)
             items = subtract(fams[v], holes[v])
             rs.sets[name] = NftSet(name, v, tuple(union_elements((lo, hi, None) for lo, hi in items))
                                    if items else ())
