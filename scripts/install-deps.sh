@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 DEBS=(nftables iproute2 iptables ipset sip-tester sipvicious dnsmasq-base
       espeak-ng sox libsox-fmt-all fail2ban netcat-openbsd iperf3 python3-venv
-      systemd passwd util-linux procps faketime)
+      systemd passwd util-linux procps faketime
+      asterisk-core-sounds-en-gsm)  # digits/letters for tests that drive a real Asterisk
 
 missing=()
 for p in "${DEBS[@]}"; do
