@@ -13,6 +13,7 @@ import contextlib
 import functools
 import importlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -174,7 +175,15 @@ def _fail2ban_wanted(cfg: Config) -> bool:
     # a network namespace (the lab, tests).
     from tm4.sources.fail2ban import Fail2ban
 
-    return not cfg.firewall.netns and Fail2ban().installed()
+    return not cfg.firewall.netns and not _in_netns() and Fail2ban().installed()
+
+
+def _in_netns() -> bool:
+    # tm4d started with `ip netns exec` (the lab, tests) is not the host's firewall.
+    try:
+        return os.readlink("/proc/self/ns/net") != os.readlink("/proc/1/ns/net")
+    except OSError:
+        return False
 
 
 async def _run_fail2ban(d: Daemon, mod: Any) -> None:
