@@ -23,8 +23,8 @@ BANNER = b"Asterisk Call Manager/11.0.0\r\n"
 
 
 def _captured() -> dict[str, list[tuple[str, str]]]:
-    """One captured example of each message kind, as (field, value) pairs in wire order;
-    the static trunk prov-b's where there is one."""
+    """Captured examples of each message kind, as (field, value) pairs in wire order, under
+    `kind`, `kind@name` (its ObjectName or EndpointName) and `Action:kind`."""
     out: dict[str, list[tuple[str, str]]] = {}
     cap = ami_capture.load("pjsip_show")
     for sent, got in cap.conns["tm4"].turns():
@@ -34,22 +34,24 @@ def _captured() -> dict[str, list[tuple[str, str]]]:
                 continue
             pairs = [(k, v) for k, _, v in (ln.partition(": ") for ln in m[:-4].decode().split("\r\n"))]
             kind = pairs[0][1] if pairs[0][0] == "Event" else f"{action}:{pairs[0][1]}"
-            name = dict(pairs).get("ObjectName", "") + dict(pairs).get("EndpointName", "")
-            if kind not in out or "prov-b" in name:
-                out[kind] = pairs
+            d = dict(pairs)
+            for key in (kind, f"{action}:{kind}", f"{kind}@{d.get('EndpointName') or d.get('ObjectName', '')}"):
+                if key not in out or key == kind and "prov-b" in d.get("EndpointName", d.get("ObjectName", "")):
+                    out[key] = pairs
     return out
 
 
 TEMPLATES = _captured()
 
 
-def render(kind: str, **values: str | int) -> bytes:
-    """The captured message `kind` with `values` put into its fields (names as captured)."""
+def render(kind: str, *, drop: tuple[str, ...] = (), **values: str | int) -> bytes:
+    """The captured message `kind` with `values` put into its fields (names as captured);
+    `drop`: fields Asterisk leaves out in this case (as captured elsewhere)."""
     pairs = TEMPLATES[kind]
     unknown = set(values) - {k for k, _ in pairs}
     if unknown:
         raise KeyError(f"{kind} has no field {sorted(unknown)} in the capture")
-    return "".join(f"{k}: {values.get(k, v)}\r\n" for k, v in pairs).encode() + b"\r\n"
+    return "".join(f"{k}: {values.get(k, v)}\r\n" for k, v in pairs if k not in drop).encode() + b"\r\n"
 
 
 @dataclass
@@ -61,6 +63,10 @@ class SimEndpoint:
     identifies: list[tuple[str, str]] = field(default_factory=list)  # (object name, Match value)
     outbound_proxy: str = ""
     registration: str = ""  # an outbound registration's server_uri ("" : none)
+    auth: str = ""  # inbound auth object ("": none)
+    outbound_auth: str = ""
+    registered_contact: str = ""  # a phone's REGISTERed contact URI ("": none)
+    aors: bool = True  # False: an endpoint without AOR (anonymous)
 
 
 def _msg(*pairs: tuple[str, str | int]) -> bytes:
@@ -71,8 +77,9 @@ class AmiDiscoverSim:
     """Run with `with AmiDiscoverSim(endpoints) as sim:`; connect to 127.0.0.1:sim.port."""
 
     def __init__(self, endpoints: list[SimEndpoint], username: str = "tm4", secret: str = "tm4secret",
-                 noise: bool = False, drop_after_list: bool = False):
+                 noise: bool = False, drop_after_list: bool = False, read: str = "system,security"):
         self.endpoints = {e.name: e for e in endpoints}
+        self.read = set(read.split(","))  # the user's read classes: which events follow a Login
         self.username = username
         self.secret = secret
         self.noise = noise  # unrelated events in the middle of lists, as a busy Asterisk sends
@@ -142,6 +149,8 @@ class AmiDiscoverSim:
                         if msg.get("events", "on").lower() != "off":
                             writer.write(_msg(("Event", "FullyBooted"), ("Privilege", "system,all"),
                                               ("Uptime", 30), ("LastReload", 30), ("Status", "Fully Booted")))
+                            if "security" in self.read:  # its own SuccessfulAuth (real2/ami/pjsip_show)
+                                writer.write(render("SuccessfulAuth", AccountID=self.username))
                     else:
                         writer.write(_msg(("Response", "Error"), ("ActionID", aid),
                                           ("Message", "Authentication failed")))
@@ -179,15 +188,19 @@ class AmiDiscoverSim:
     def _uris(self, e: SimEndpoint) -> list[str]:
         return [u.strip() for u in e.aor_contacts.split(",") if u.strip()]
 
+    def _all_uris(self, e: SimEndpoint) -> list[str]:
+        return ([e.registered_contact] if e.registered_contact else []) + self._uris(e)
+
     def _endpoints(self, aid: str) -> bytes:
         if not self.endpoints:
             # SYNTHESIZED (no capture of an empty list): res_pjsip's astman_send_error text
             return _msg(("Response", "Error"), ("ActionID", aid), ("Message", "No endpoints found"))
         out = render("PJSIPShowEndpoints:Success", ActionID=aid)
         for i, e in enumerate(self.endpoints.values()):
-            out += render("EndpointList", ActionID=aid, ObjectName=e.name, Transport=e.transport, Aor=e.name,
-                          Auths="", OutboundAuths="", DeviceState="Unavailable",
-                          Contacts="".join(f"{e.name}/{u}," for u in self._uris(e)))
+            out += render("EndpointList", ActionID=aid, ObjectName=e.name, Transport=e.transport,
+                          Aor=e.name if e.aors else "", Auths=e.auth, OutboundAuths=e.outbound_auth,
+                          DeviceState="Unavailable", drop=() if e.aors else ("Contacts",),
+                          Contacts="".join(f"{e.name}/{u}," for u in self._all_uris(e)))
             if i == 0:
                 out += self._noise()
         return out + render("EndpointListComplete", ActionID=aid, ListItems=len(self.endpoints))
@@ -196,17 +209,25 @@ class AmiDiscoverSim:
         e = self.endpoints.get(name)
         if e is None:  # as captured, with its bare LF
             return render("PJSIPShowEndpoint:Error", ActionID=aid, Message=f"Unable to retrieve endpoint {name}\n")
-        uris = self._uris(e)
+        uris = self._all_uris(e)
         events = [render("EndpointDetail", ActionID=aid, ObjectName=e.name, Transport=e.transport,
-                         OutboundProxy=e.outbound_proxy, Aors=e.name, Auth="", OutboundAuth="")]
+                         OutboundProxy=e.outbound_proxy, Aors=e.name if e.aors else "", Auth=e.auth,
+                         OutboundAuth=e.outbound_auth)]
+        for auth in (a for a in (e.auth, e.outbound_auth) if a):  # never a real password
+            events.append(render("AuthDetail", ActionID=aid, ObjectName=auth, Username=auth, Password="",
+                                 EndpointName=e.name))
         if e.transport:
             events.append(render("TransportDetail", ActionID=aid, ObjectName=e.transport, Protocol=e.protocol,
                                  Bind="0.0.0.0:5061" if e.protocol == "tls" else "0.0.0.0:5060",
                                  EndpointName=e.name))
-        events.append(render("AorDetail", ActionID=aid, ObjectName=e.name, EndpointName=e.name,
-                             Contacts=",".join(f"{e.name}/{u}" for u in uris), TotalContacts=len(uris),
-                             ContactsRegistered=0))
-        for u in uris:
+        if e.aors:
+            events.append(render("AorDetail", ActionID=aid, ObjectName=e.name, EndpointName=e.name,
+                                 Contacts=",".join(f"{e.name}/{u}" for u in uris), TotalContacts=len(uris),
+                                 ContactsRegistered=1 if e.registered_contact else 0))
+        if e.registered_contact:  # a REGISTERed contact: with ViaAddress and CallID
+            events.append(render("ContactStatusDetail@1001", ActionID=aid, AOR=e.name, URI=e.registered_contact,
+                                 EndpointName=e.name, ID=f"{e.name};@{len(e.name):032x}"))
+        for u in self._uris(e):
             events.append(render("ContactStatusDetail", ActionID=aid, AOR=e.name, URI=u, EndpointName=e.name,
                                  Status="NonQualified", RoundtripUsec="N/A", ID=f"{e.name}@@{len(u):032x}"))
         events.append(self._noise())
@@ -225,6 +246,9 @@ class AmiDiscoverSim:
         for e in regs:
             host = re.sub(r"^sips?:", "", e.registration).split(";")[0]
             out += render("OutboundRegistrationDetail", ActionID=aid, ObjectName=e.name, ServerUri=e.registration,
-                          ClientUri=f"sip:{e.name}@{host}", Transport=e.transport, OutboundAuth="")
+                          ClientUri=f"sip:{e.name}@{host}", Transport=e.transport, OutboundAuth=e.outbound_auth)
+            if e.outbound_auth:
+                out += render("PJSIPShowRegistrationsOutbound:AuthDetail", ActionID=aid, ObjectName=e.outbound_auth,
+                              Username=e.outbound_auth, Password="")
         return out + render("OutboundRegistrationDetailComplete", ActionID=aid, ListItems=len(regs),
                             Registered=len(regs), NotRegistered=0)

@@ -125,6 +125,16 @@ class RestartSim:
         self._booted = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._login_answer = self._sample_login_answer()
+        # a Login once the new Asterisk is fully booted: answered as the plain capture's c01
+        # (FullyBooted right behind the answer); before that, as the probe's early Login
+        c01 = ami_capture.load(name).conns["c01"]
+        sends = c01.sends()
+        self._booted_answer = [(r.t - sends[0].t, r.data) for r in c01.rows
+                               if r.event == "recv" and sends[0].t <= r.t < sends[1].t]
+        new = next(p for p in self.phases if p.kind == "new")
+        assert new.sample is not None
+        self._booted_after_ms = next(r.t for r in new.sample.rows
+                                     if r.event == "recv" and b"Event: FullyBooted" in r.data) - new.start
         self._tid = 28169
 
     # -- the captured pieces -----------------------------------------------------------
@@ -332,7 +342,11 @@ class RestartSim:
     async def _answer_login(self, s: Session, aid: str, kind: str) -> None:
         start = time.monotonic()
         first = True
-        for t, data in self._login_answer[kind]:
+        answer = self._login_answer[kind]
+        if kind == "new" and self.new_since is not None and \
+                (start - self.new_since) * 1000 / self.stretch >= self._booted_after_ms:
+            answer = self._booted_answer
+        for t, data in answer:
             delay = start + t * self.stretch / 1000 - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)

@@ -211,7 +211,7 @@ def test_simulator_login_is_byte_faithful(capture: str, first_only: bool) -> Non
         raw = raw.split(BANNER)[1]
         raw = BANNER + raw
     actions, expected = _exchange(raw)
-    with AmiDiscoverSim([], secret="tm4secret") as sim:
+    with AmiDiscoverSim([], secret="tm4secret", read="system") as sim:  # that user read no security
         c = socket.create_connection(("127.0.0.1", sim.port), timeout=3)
         for a in actions:
             c.sendall(a)
