@@ -93,6 +93,8 @@ def test_a_poisoned_store_never_takes_tm4_down(lab: Lab, tmp_path: Path) -> None
         assert {r["key"] for r in rows} >= {"224.0.0.1", "ff02::/64", "mdns"}
         assert all(r["reason"] and r["row"] for r in rows)
         assert "multicast" in ok(cfg, "quarantine", "list")
+        gone = tm4(cfg, "unblock", "224.0.0.1")
+        assert gone.returncode == 1 and gone.stderr.count("\n") == 1 and "tm4 quarantine list" in gone.stderr
         one = next(r["id"] for r in rows if r["key"] == "224.0.0.1")
         assert ok(cfg, "quarantine", "drop", str(one)).strip() == "dropped 1 quarantined row(s)"
         bad = tm4(cfg, "quarantine", "drop", str(one))

@@ -262,10 +262,10 @@ class Core:
     def unblock(self, address: str, *, origin: Origin = Origin.ADMIN, actor: str = "") -> Ban:
         try:
             net = parse_network(address, force=True)
-        except NeverSourceError as exc:
+        except NeverSourceError:
             # An older tm4 may have stored such a ban: readers set it aside, never the kernel.
-            raise NotFoundError(f"{exc}; an old ban of it is in `tm4 quarantine list`, "
-                                "`tm4 quarantine drop ID` forgets it") from None
+            raise NotFoundError(f"{address.strip()} is not blocked (it can never be a source); a ban an "
+                                "older tm4 stored is in `tm4 quarantine list` (`tm4 quarantine drop ID`)") from None
         with self.store.transaction():
             ban = self.store.get_ban(net_text(net))
             if ban is None:
