@@ -235,8 +235,8 @@ class Store:
         """The store as it is on disk, without the WAL index SQLite cannot create on a
         full disk (immutable: nobody can write to a full disk anyway)."""
         try:
-            db = sqlite3.connect(f"file:{self.path}?immutable=1", uri=True, isolation_level=None,
-                                 check_same_thread=False)
+            db = sqlite3.connect(f"{self.path.resolve().as_uri()}?immutable=1", uri=True,
+                                 isolation_level=None, check_same_thread=False)
             db.row_factory = sqlite3.Row
             db.execute("SELECT count(*) FROM sqlite_master").fetchone()
         except sqlite3.Error as exc:
@@ -583,7 +583,7 @@ class Store:
         for r in rows:
             try:
                 out.append(parse(r))
-            except (Tm4Error, ValueError, TypeError, KeyError, AttributeError) as exc:
+            except (Tm4Error, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
                 self._quarantine(table, r, _why(exc))
         return out
 
