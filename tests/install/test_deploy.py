@@ -275,3 +275,25 @@ def test_the_interpreter_must_be_reachable_by_asterisk() -> None:
         assert deploy.unreachable_dir(str(base / "link")) is None
     finally:
         shutil.rmtree(base)
+
+
+def test_install_service_after_install_keeps_the_rest(tmp_path: Path) -> None:
+    """`tm4 install-service` is the systemd part of `tm4 install`: run after it, it leaves the
+    launcher, prompts and dialplan installed and recorded, so uninstall still takes them."""
+    root = tmp_path / "root"
+    toml = tmp_path / "tm4.toml"
+    toml.write_text(f'state_dir = "{tmp_path / "state"}"\n')
+    base = ["--config", str(toml)]
+    r = CliRunner().invoke(cli, [*base, "install", "--root", str(root), "--python", "/opt/tm4/bin/python",
+                                 "--tm4d", "/opt/tm4/bin/tm4d"])
+    assert r.exit_code == 0, r.output
+    before = files_under(root)
+    r = CliRunner().invoke(cli, [*base, "install-service", "--root", str(root), "--tm4d", "/srv/tm4/bin/tm4d"])
+    assert r.exit_code == 0, r.output
+    after = files_under(root)
+    assert "ExecStart=/srv/tm4/bin/tm4d " in after["etc/systemd/system/tm4d.service"].decode()
+    changed = {k for k in before if before[k] != after.get(k)}
+    assert {Path(k).name for k in changed} == {"tm4d.service", "tm4-boot.service", "installed.json"}
+    r = CliRunner().invoke(cli, [*base, "uninstall", "--root", str(root)])
+    assert r.exit_code == 0, r.output
+    assert files_under(root) == {}

@@ -148,33 +148,20 @@ def _tm4d_path() -> str:
 @pass_ctx
 def install_service(ctx: Ctx, root: str, tm4d: str | None, no_enable: bool) -> None:
     """Put the systemd units, /etc/tm4/tm4.toml (commented) and the state directory in place."""
-    from tm4.daemon.initsetup import config_skeleton
-    from tm4.daemon.units import protect_home_for, render_units
+    from tm4.daemon.deploy import install, service_pieces, under
+    from tm4.daemon.units import protect_home_for
 
-    base = Path(root)
-    cfg_path = Path(ctx.config_path or "/etc/tm4/tm4.toml")
+    cfg_path = str(ctx.config_path or "/etc/tm4/tm4.toml")
     state = ctx.config.state_dir
     program = tm4d or _tm4d_path()
-    units = render_units(program, str(cfg_path), str(state), ctx.config.asterisk.config_dir,
-                         protect_home_for(program, sys.prefix, str(cfg_path), str(state)))
-    unit_dir = base / "etc/systemd/system"
-    unit_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in units.items():
-        (unit_dir / name).write_text(text)
-        (unit_dir / name).chmod(0o644)
-        click.echo(f"wrote {unit_dir / name}")
-    target = base / str(cfg_path).lstrip("/")
-    if target.exists():
-        click.echo(f"kept {target} (exists)")
-    else:
-        target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        target.write_text(config_skeleton())
-        target.chmod(0o600)
-        click.echo(f"wrote {target} (every key commented with its default)")
-    sdir = base / str(state).lstrip("/")
-    sdir.mkdir(parents=True, exist_ok=True, mode=0o750)
-    sdir.chmod(0o750)
-    click.echo(f"state directory {sdir}")
+    pieces = service_pieces(program, cfg_path, ctx.config, ctx.config.asterisk.config_dir,
+                            protect_home_for(program, sys.prefix, cfg_path, str(state)))
+    res = install(pieces, root, state, partial=True)  # the systemd part of `tm4 install`
+    for path in res.written + res.unchanged:
+        click.echo(f"wrote {under(root, path)}")
+    for path in res.kept:
+        click.echo(f"kept {under(root, path)} (exists)")
+    click.echo(f"state directory {under(root, state)}")
     systemd_up = Path("/run/systemd/system").is_dir()
     if root != "/" or no_enable or not systemd_up:
         click.echo("to start: systemctl daemon-reload && systemctl enable --now tm4-boot.service tm4d.service")

@@ -143,16 +143,22 @@ def plan(host: Host) -> list[Piece]:
     pieces += [Piece(str(prompt_dir / name), "prompt", data) for name, data in prompts()]
     pieces.append(Piece(str(dirs.etc / DIALPLAN_NAME), "dialplan",
                         render_dialplan(shipped_text(DIALPLAN), socket, cfg.daemon.fastagi).encode()))
-    units = render_units(host.tm4d, host.config_path, str(cfg.state_dir), str(dirs.etc),
-                         protect_home_for(host.tm4d, host.python, host.config_path, str(cfg.state_dir)),
-                         socket)
-    pieces += [Piece(f"{UNIT_DIR}/{name}", "unit", text.encode()) for name, text in units.items()]
-    pieces.append(Piece(host.config_path, "config", config_skeleton().encode(), 0o600, if_absent=True))
+    pieces += service_pieces(host.tm4d, host.config_path, cfg, str(dirs.etc),
+                             protect_home_for(host.tm4d, host.python, host.config_path, str(cfg.state_dir)))
     venv_bin = str(Path(host.tm4d).parent)
     if venv_bin != host.bin_dir:
         pieces.append(Piece(f"{host.bin_dir}/tm4d", "link", target=host.tm4d))
         if host.tm4:
             pieces.append(Piece(f"{host.bin_dir}/tm4", "link", target=host.tm4))
+    return pieces
+
+
+def service_pieces(tm4d: str, config_path: str, cfg: Config, asterisk_etc: str,
+                   protect_home: str) -> list[Piece]:
+    """The systemd units for `tm4d` and the config skeleton (`tm4 install-service` is these alone)."""
+    units = render_units(tm4d, config_path, str(cfg.state_dir), asterisk_etc, protect_home, cfg.daemon.socket)
+    pieces = [Piece(f"{UNIT_DIR}/{name}", "unit", text.encode()) for name, text in units.items()]
+    pieces.append(Piece(config_path, "config", config_skeleton().encode(), 0o600, if_absent=True))
     return pieces
 
 
@@ -247,7 +253,9 @@ def load_manifest(path: Path) -> dict[str, object] | None:
     return data
 
 
-def install(pieces: list[Piece], root: str | Path, state_dir: str | Path) -> Result:
+def install(pieces: list[Piece], root: str | Path, state_dir: str | Path, *, partial: bool = False) -> Result:
+    """`partial`: `pieces` are only some of what tm4 installs (install-service): what the
+    manifest holds besides them stays installed and recorded."""
     root = Path(root)
     res = Result()
     mpath = manifest_path(root, state_dir)
@@ -291,10 +299,14 @@ def install(pieces: list[Piece], root: str | Path, state_dir: str | Path) -> Res
             res.written.append(p.path)
         files[p.path] = {"what": p.what, "sha256": want}
     for path, rec in old_files.items():  # shipped before, not any more (or moved elsewhere)
-        if path not in files:
+        if path in files:
+            continue
+        if partial:
+            files[path] = rec
+        else:
             _remove_if_ours(root, path, rec, res)
     created = [d for d in dict.fromkeys(created) if under(root, d).is_dir()]
-    prompt_dirs = {str(Path(p.path).parent) for p in pieces if p.what == "prompt"}
+    prompt_dirs = {str(Path(path).parent) for path, rec in files.items() if rec.get("what") == "prompt"}
     manifest = {"tm4": __version__, "files": files, "dirs": created, "owned_dirs": sorted(prompt_dirs)}
     _write(mpath, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode(), 0o644)
     res.manifest = str(mpath)
