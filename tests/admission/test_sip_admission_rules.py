@@ -29,6 +29,7 @@ def rendered(*domains: str) -> Ruleset:
 _PIECE = re.compile(r"@ih,(\d+),(\d+) 0x([0-9a-f]+)")
 _TERM = re.compile(r"@ih,(\d+),8 \{ ([0-9a-fx, ]+) \}")
 _LEN = re.compile(r"udp length (\d+)")
+_VMAP = re.compile(r"@ih,(\d+),(\d+) vmap \{ (.*) \}")
 
 
 def _matches(rule: str, payload: bytes) -> bool:
@@ -54,7 +55,18 @@ def kernel_admits(rs: Ruleset, payload: bytes) -> str | None:
     """The admit chain a UDP datagram to 5060 with `payload` ends in, or None."""
     if not any(_matches(r, payload) for r in rs.early_rules):
         return None
-    for rule in rs.chains[sip.REGISTER_CHAIN]:
+    [dispatch] = rs.chains[sip.REGISTER_CHAIN]  # one verdict map keyed on the name's first bytes
+    m = _VMAP.fullmatch(dispatch)
+    assert m, dispatch
+    o, n = int(m.group(1)) // 8, int(m.group(2)) // 8
+    assert int(m.group(2)) <= 128
+    if len(payload) < o + n:
+        return None
+    targets = dict(re.findall(r"0x([0-9a-f]+) : goto (\w+)", m.group(3)))
+    chain = targets.get(payload[o:o + n].hex())
+    if chain is None:
+        return None
+    for rule in rs.chains[chain]:
         if _matches(rule, payload):
             return rule.rsplit("goto ", 1)[1]
     return None
@@ -107,6 +119,15 @@ def test_each_domain_has_its_own_sets_and_a_253_byte_name_fits() -> None:
     rs = rendered(SECRET, "Other.Example.NET", long_name)
     assert kernel_admits(rs, f"REGISTER sip:{long_name}:5060 SIP/2.0".encode()) == sip.admit_chain(long_name)
     assert kernel_admits(rs, b"REGISTER sip:other.example.net>") == sip.admit_chain("other.example.net")
+    assert kernel_admits(rs, b"REGISTER sip:Other.Example.NET>") == sip.admit_chain("other.example.net")
+    # one verdict map in the REGISTER chain, keyed on as many bytes as the shortest form has
+    assert re.fullmatch(r"@ih,104,128 vmap \{ .* \}", rs.chains[sip.REGISTER_CHAIN][0])
+    assert len(rs.chains[sip.REGISTER_CHAIN]) == 1
+    short = rendered("ab.cd", SECRET)
+    assert short.chains[sip.REGISTER_CHAIN][0].startswith("@ih,104,40 vmap")
+    assert kernel_admits(short, f"REGISTER sip:{SECRET}:5060".encode()) == sip.admit_chain(SECRET)
+    assert kernel_admits(short, b"REGISTER sip:ab.cd:5060") == sip.admit_chain("ab.cd")
+    assert kernel_admits(short, b"REGISTER sip:ab.cde") is None
     names = {n for n in rs.sets if n.startswith("sipadmit")}
     assert names == {sip.admit_set(v, d) for v in (4, 6) for d in (SECRET, "other.example.net", long_name)}
     assert all(rs.sets[n].dynamic and rs.sets[n].timeout == "3600s" for n in names)

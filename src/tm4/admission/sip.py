@@ -12,7 +12,10 @@ server's address or to a longer name that merely starts with the secret one
 never admits. The name is compared as configured and in lower case.
 
 The cost for every other packet is one rule: `udp dport 5060 @ih,0,104
-"REGISTER sip:"` jumps to the per-domain rules only for REGISTERs. It sits right
+"REGISTER sip:"` jumps to the domain rules only for REGISTERs, and there one
+verdict map, keyed on the first bytes of the name, picks the few rules of that
+name: a flood of REGISTERs to wrong names costs one hash lookup each, however
+many domains are configured. The admission rule sits right
 after the ban (and blocklist) rules, ahead of conntrack's `established` accept,
 so a phone's periodic REGISTER on its long-lived flow keeps refreshing its
 element, and a banned source is never admitted.
@@ -41,6 +44,7 @@ TERMINATORS = b" :;>"
 PIECE = 16  # bytes per raw payload comparison (nft: at most 128 bits)
 SET_SIZE = 65535
 REGISTER_CHAIN = "sip_register"
+MAX_KEY = 16  # bytes of the name the verdict map looks at (one 128-bit key)
 _FAMILIES = ((4, "ip", "ipv4"), (6, "ip6", "ipv6"))
 
 
@@ -123,12 +127,18 @@ def register_rules(domain_forms: tuple[bytes, ...], goto: str) -> list[str]:
     return out
 
 
+def key_chain(key: bytes) -> str:
+    return f"sip_name_{hashlib.sha256(key).hexdigest()[:8]}"
+
+
 def render_admission(config: Config, s: AdmissionSettings) -> Ruleset:
     """Pure: the admission fragment (sets, chains, rules) for the configured domains."""
     rs = Ruleset()
     ttl = f"{s.ttl}s"
     prefix = payload_match(PREFIX)
-    checks: list[str] = []
+    # The verdict map's key: the name's first bytes, as many as the shortest form has.
+    width = min([MAX_KEY, *(len(f) for forms in s.variants.values() for f in forms)])
+    by_key: dict[bytes, list[str]] = {}
     for domain in s.domains:
         chain = admit_chain(domain)
         adds = []
@@ -140,8 +150,12 @@ def render_admission(config: Config, s: AdmissionSettings) -> Ruleset:
             for svc in s.services:
                 rs.input_rules.append(f"{ipf} saddr @{name} {port_match(config.services[svc])} accept")
         rs.chains[chain] = adds
-        checks.extend(register_rules(s.variants[domain], chain))
-    rs.chains[REGISTER_CHAIN] = checks
+        for form in s.variants[domain]:
+            by_key.setdefault(form[:width], []).extend(register_rules((form,), chain))
+    for key, rules in by_key.items():
+        rs.chains[key_chain(key)] = rules
+    vmap = ", ".join(f"0x{key.hex()} : goto {key_chain(key)}" for key in sorted(by_key))
+    rs.chains[REGISTER_CHAIN] = [f"@ih,{len(PREFIX) * 8},{width * 8} vmap {{ {vmap} }}"]
     for svc in s.services:
         # ahead of conntrack's accept: a phone's periodic REGISTER refreshes its element
         rs.early_rules.append(f"{port_match(config.services[svc])} {prefix} jump {REGISTER_CHAIN}")
