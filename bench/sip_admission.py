@@ -18,7 +18,7 @@ Two payloads:
    ahead of conntrack (`udp dport 5060 @ih,0,104 "REGISTER sip:"`). Every SIP packet
    pays this.
 2. the worst case: datagrams that start with `REGISTER sip:` and name no secret (a
-   scanner's flood); each walks every domain's rules.
+   scanner's flood); each goes on to the verdict map keyed on the name's first bytes.
 Then, for reference, iperf3's 64-byte UDP rate to port 5060 (wall clock, noisy).
 """
 
