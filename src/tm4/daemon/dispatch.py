@@ -19,6 +19,7 @@ from tm4.core.model import Origin
 from tm4.daemon.reload import reload_config
 from tm4.ops.control import Peer, PermissionDenied
 from tm4.ops.engine import Core
+from tm4.ops.requests import check_args
 
 if TYPE_CHECKING:
     from tm4.daemon.host import Daemon
@@ -39,13 +40,10 @@ def dialin_ops() -> dict[str, Callable[[Core, dict[str, Any]], Any]]:
 
 async def handle(d: Daemon, peer: Peer, op: str, args: dict[str, Any]) -> Any:
     dialin = dialin_ops()
-    if peer.role != "root":
-        if op not in dialin:
-            raise PermissionDenied(f"permission denied: the {d.config.daemon.asterisk_group} group may"
-                                   f" only call {', '.join(sorted(dialin)) or 'the dial-in operations'}")
-        result = dialin[op](d.core, args)
-        d.after_change(op)
-        return result
+    if peer.role != "root" and op not in dialin:
+        raise PermissionDenied(f"permission denied: the {d.config.daemon.asterisk_group} group may"
+                               f" only call {', '.join(sorted(dialin)) or 'the dial-in operations'}")
+    check_args(op, args)  # the JSON shape, before any operation sees it
     if op in dialin:
         result = dialin[op](d.core, args)
         d.after_change(op)

@@ -3,6 +3,10 @@
 Request:  {"op": "allow", "args": {...}}                      one line, UTF-8 JSON
 Reply:    {"ok": true, "result": ...}  or  {"ok": false, "error": "...", "type": "ValidationError"}
 
+A request is at most MAX_LINE bytes, nested at most MAX_DEPTH deep and has exactly the
+shape of `Request`; anything else is answered with a ValidationError before any
+operation sees it (each operation's arguments are checked by tm4.ops.requests).
+
 Who may do what is decided from the kernel's word, not the client's: SO_PEERCRED
 gives the peer's uid/gid, SO_PEERGROUPS its supplementary groups. root (uid 0)
 may call every operation; members of the Asterisk group only the dial-in
@@ -24,14 +28,17 @@ import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
 
 from tm4.core import errors
-from tm4.core.errors import ConflictError, Tm4Error
+from tm4.core.errors import ConflictError, Tm4Error, ValidationError
 
 log = logging.getLogger("tm4.control")
 
 MAX_LINE = 1 << 20
+MAX_DEPTH = 32  # real requests nest 3 deep (args -> list -> string)
 IDLE_TIMEOUT = 60.0
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 
@@ -87,6 +94,45 @@ def peer_of(sock: socket.socket, dialin_gid: int | None) -> Peer:
     else:
         role = "none"
     return Peer(pid, uid, gid, tuple(groups), role)
+
+
+class Request(msgspec.Struct, forbid_unknown_fields=True):
+    op: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    args: dict[str, Any] = {}
+
+
+_SHAPE = 'a request is {"op": "...", "args": {...}}'
+
+
+def nesting_depth(value: Any, limit: int) -> int:
+    """How deep lists and objects nest in `value`, counted up to limit + 1 (no recursion)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict | list):
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def parse_request(line: bytes) -> Request:
+    """One request line, checked for shape, size and depth; ValidationError says what is wrong."""
+    if len(line) > MAX_LINE:
+        raise ValidationError("request too long")
+    try:
+        req = msgspec.json.decode(line, type=Request)
+    except RecursionError:  # msgspec stops at Python's recursion limit
+        raise ValidationError(f"request nested deeper than {MAX_DEPTH} levels") from None
+    except msgspec.ValidationError as exc:
+        raise ValidationError(f"{_SHAPE}: {exc}") from None
+    except msgspec.DecodeError:
+        raise ValidationError("request is not JSON") from None
+    if nesting_depth(req.args, MAX_DEPTH - 1) > MAX_DEPTH - 1:
+        raise ValidationError(f"request nested deeper than {MAX_DEPTH} levels")
+    return req
 
 
 # Handler: (peer, op, args) -> result (sync value or awaitable). Raise Tm4Error to refuse.
@@ -185,15 +231,10 @@ class ControlServer:
 
     async def _answer(self, peer: Peer, line: bytes) -> dict[str, Any]:
         try:
-            req = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
-            return {"ok": False, "type": "ValidationError", "error": "request is not JSON"}
-        if not isinstance(req, dict) or not isinstance(req.get("op"), str):
-            return {"ok": False, "type": "ValidationError", "error": 'request must be {"op": "...", "args": {...}}'}
-        args = req.get("args", {})
-        if not isinstance(args, dict):
-            return {"ok": False, "type": "ValidationError", "error": "args must be an object"}
-        op = req["op"]
+            req = parse_request(line)
+        except ValidationError as exc:
+            return {"ok": False, "type": "ValidationError", "error": str(exc)}
+        op, args = req.op, req.args
         try:
             result = self.handler(peer, op, args)
             if isinstance(result, Awaitable):
