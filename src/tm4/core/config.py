@@ -14,7 +14,6 @@ keys is a function in CHECKS.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import json
 import os
@@ -703,6 +702,12 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         raise Bad(f"{where} {key}".strip() if key else where, problem) from None
 
 
+def _close(word: str, known: list[str]) -> list[str]:
+    import difflib  # only when a file has a typo
+
+    return difflib.get_close_matches(word, known, n=1)
+
+
 def _unknown_keys(tp: Any, value: Any, where: str) -> None:
     """A key the schema does not know is refused (a typo must not silently mean the default)."""
     tp = _strip(tp)
@@ -711,7 +716,7 @@ def _unknown_keys(tp: Any, value: Any, where: str) -> None:
     known = [f.name for f in fields(tp)]
     for key in value:
         if key not in known:
-            near = difflib.get_close_matches(str(key), known, n=1)
+            near = _close(str(key), known)
             hint = f" (did you mean {near[0]}?)" if near else f" (known: {', '.join(known)})"
             raise Bad(f"{where} {key}", f"unknown key{hint}")
 
@@ -742,7 +747,7 @@ def _build(data: dict[str, Any], path: Path | None) -> Config:
     cfg = Config(path=path, raw=data)
     for key in data:
         if key not in SECTIONS:
-            near = difflib.get_close_matches(str(key), list(SECTIONS), n=1)
+            near = _close(str(key), list(SECTIONS))
             raise Bad(str(key), "unknown section or key" + (f" (did you mean {near[0]}?)" if near else ""))
     for name, tp in SECTIONS.items():
         if name not in data:
