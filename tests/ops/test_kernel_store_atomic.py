@@ -4,12 +4,15 @@ in a namespace, real packets from a source the store never whitelisted."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -28,6 +31,7 @@ from tm4.ops.engine import Core
 
 TESTS = Path(__file__).parent.parent
 ADDRS = [f"198.51.100.{10 + i}" for i in range(16)]
+STRANGER = "198.51.100.250"  # never granted anything, by anyone
 
 
 def kernel_table(lab: Lab) -> str:
@@ -61,7 +65,7 @@ def core_in(lab: Lab, state: Path) -> Core:
 
 @pytest.fixture
 def pbx(lab: Lab) -> Iterator[tuple[Lab, Host, Echo]]:
-    prober = lab.client("prober", [f"{a}/24" for a in ADDRS])
+    prober = lab.client("prober", [f"{a}/24" for a in [*ADDRS, STRANGER]])
     echo = Echo(lab.pbx, udp=[5060])
     try:
         yield lab, prober, echo
@@ -170,6 +174,28 @@ def test_sigkill_anywhere_in_add_block_apply_never_lets_a_stranger_in(pbx: tuple
                            env=env)
 
     assert run("apply").returncode == 0
+    # the echo answers a granted source: silence below means the firewall, not the set-up
+    assert run("add", "control", ADDRS[15], "-s", "sip-udp").returncode == 0
+    assert prober.udp_probe(lab.pbx.v4, 5060, src=ADDRS[15], timeout=1.0)
+    stop = threading.Event()
+    answered: list[int] = []
+
+    def stranger() -> None:
+        """Probes from a source the store never whitelisted, every 5 ms, the whole time."""
+        sock = prober.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((STRANGER, 0))
+        sock.settimeout(0.005)
+        sent = 0
+        while not stop.is_set():
+            sock.sendto(b"stranger", (lab.pbx.v4, 5060))
+            sent += 1
+            with contextlib.suppress(TimeoutError):
+                sock.recvfrom(64)
+                answered.append(sent)
+        sock.close()
+
+    watcher = threading.Thread(target=stranger, daemon=True)
+    watcher.start()
     rnd = random.Random(int.from_bytes(os.urandom(4), "big"))
     in_window = orphans = 0
     t0 = time.monotonic()
@@ -200,5 +226,8 @@ def test_sigkill_anywhere_in_add_block_apply_never_lets_a_stranger_in(pbx: tuple
         addr = ADDRS[i]
         if addr not in wl:
             assert not prober.udp_probe(lab.pbx.v4, 5060, src=addr, timeout=0.3), f"{addr} got through"
+    stop.set()
+    watcher.join(5)
+    assert answered == [], f"the stranger got {len(answered)} answers"
     print(f"kills in the kernel-to-commit window: {in_window}/15 ({orphans} kernel grants without a "
           f"store row before the restart), {time.monotonic() - t0:.1f}s")
