@@ -186,3 +186,42 @@ def test_a_slow_boot_loses_nothing_the_log_recovers_and_status_shows_the_gap(tmp
     assert back["state"] == "running" and back["ami"]["reconnects"] >= 1
     assert "6 event(s) caught up from the security log" in back["summary"]
     print(back["summary"])
+
+
+def test_a_restarted_guard_catches_up_from_where_the_last_one_stopped(tmp_path: Path) -> None:
+    """tm4d itself away (stopped, upgraded): the next guard counts what Asterisk raised
+    meanwhile, once, and nothing the previous guard had already counted."""
+
+    async def main() -> dict[str, Any]:
+        sim = RestartSim("restart", "tm4", SECRET, tmp_path / "security")
+        await sim.start()
+        core, first = make(tmp_path, sim, failures=5)
+        task = asyncio.ensure_future(first.run())
+        seen_live = [guess(i) for i in range(3)]
+        try:
+            assert await until(lambda: first.client is not None and first.client.connected)
+            for f in seen_live:
+                assert sim.attack(f) == (True, 1)
+            assert await until(lambda: all(first.decided[key_of(f)] == 1 for f in seen_live), 2.0)
+        finally:
+            await first.close()
+            await asyncio.wait_for(task, 5)
+        await asyncio.sleep(0.05)
+        while_down = [guess(50 + i) for i in range(4)]
+        for f in while_down:
+            assert sim.attack(f) == (True, 0)  # Asterisk logs them; no guard listens
+        second = CountingGuard(core, own={ipaddress.ip_address(OWN)}, client_options=PING, catchup_delay=0.2)
+        task = asyncio.ensure_future(second.run())
+        try:
+            assert await until(lambda: second.gaps and second.gaps[-1]["recovered"] is not None, 5.0)
+            return {"second": second, "seen_live": seen_live, "while_down": while_down}
+        finally:
+            await second.close()
+            await asyncio.wait_for(task, 5)
+            await sim.stop()
+
+    r = asyncio.run(main())
+    second: CountingGuard = r["second"]
+    assert [second.decided[key_of(f)] for f in r["while_down"]] == [1, 1, 1, 1]
+    assert all(key_of(f) not in second.decided for f in r["seen_live"])  # the first guard's
+    assert second.gaps[-1]["recovered"] == 4

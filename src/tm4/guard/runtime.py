@@ -31,7 +31,7 @@ from tm4.asterisk.ami import AmiClient
 from tm4.asterisk.events import SecurityEvent, to_security_event
 from tm4.core.durations import parse_duration
 from tm4.core.errors import ConfigError, Tm4Error
-from tm4.core.model import IPAddress, IPNetwork, Origin, normalise_address
+from tm4.core.model import IPAddress, IPNetwork, Origin, never_source_reason, normalise_address
 from tm4.core.services import SIP_SERVICES
 from tm4.guard.policy import BanDecision, Decision, Guard, PromoteDecision, RevokeDecision
 from tm4.ops.engine import Core
@@ -46,6 +46,10 @@ CATCHUP_DELAY = 0.5
 # Live events remembered to cancel their log lines: long enough to cover a gap's margin.
 SEEN_HORIZON = 120.0
 SEEN_MAX = 200_000
+# Where the previous run stopped seeing (store meta, wall time): a restarted guard catches
+# up from there, at most MAX_OFFLINE back.
+SEEN_UNTIL_KEY = "guard_seen_until"
+MAX_OFFLINE = 24 * 3600.0
 
 _LOOPBACK: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 _UNSPECIFIED: tuple[IPNetwork, ...] = (ipaddress.ip_network("0.0.0.0/32"), ipaddress.ip_network("::/128"))
@@ -112,13 +116,16 @@ class GuardRuntime:
         self.recovered = 0
         self._catchups: set[asyncio.Task[None]] = set()
         self._hold_seen = False  # between losing AMI and the catch-up: keep what was seen
-        self._away_since: float | None = None
+        self._away_since: float | None = self._stored_seen_until()
+        self._away_margin = 0.0  # a stored mark is exact: the previous run saw up to it
         self._seed_promoted()
 
     # -- what must never be banned -------------------------------------------------
     def protected(self, net: IPNetwork) -> bool:
         if any(net.overlaps(n) for n in _LOOPBACK + _UNSPECIFIED if n.version == net.version):
             return True
+        if never_source_reason(net) is not None:
+            return True  # multicast, broadcast...: a forged RemoteAddress; the core would refuse it
         if any(a.version == net.version and a in net for a in self.own):
             return True
         client = self.client
@@ -193,6 +200,23 @@ class GuardRuntime:
             if self._seen_count[old] <= 0:
                 del self._seen_count[old]
 
+    def _stored_seen_until(self) -> float | None:
+        """The previous run was blind from when it stopped: catch up from there."""
+        try:
+            t = float(self.core.store.get_meta(SEEN_UNTIL_KEY) or "")
+        except (ValueError, Tm4Error):
+            return None
+        return max(t, self.wall() - MAX_OFFLINE)
+
+    def _save_seen_until(self) -> None:
+        client = self.client
+        if client is None or not client.connected or self._hold_seen:
+            return  # not seeing, or a gap not yet caught up: keep the older mark
+        try:
+            self.core.store.set_meta(SEEN_UNTIL_KEY, f"{self.wall():.3f}")
+        except Tm4Error as exc:
+            log.warning("cannot record how far the guard has seen: %s", exc)
+
     def _logged_out(self) -> None:
         """AMI lost: the guard has been blind since the last bytes it got (a dead peer
         is noticed only when a Ping goes unanswered)."""
@@ -200,6 +224,7 @@ class GuardRuntime:
         client, now = self.client, self.wall()
         last = client.last_event_at if client is not None else None
         self._away_since = now if last is None else min(now, now - (self.clock() - last))
+        self._away_margin = CATCHUP_MARGIN
 
     def _logged_in(self) -> None:
         away, self._away_since = self._away_since, None
@@ -207,7 +232,7 @@ class GuardRuntime:
             return
         now = self.wall()
         gap = {"from": away, "to": now, "seconds": round(now - away, 3),
-               "recovered": None, "read": None, "error": None}
+               "recovered": None, "read": None, "error": None, "margin": self._away_margin}
         self.gaps.append(gap)
         task = asyncio.ensure_future(self._catch_up(gap))
         self._catchups.add(task)
@@ -224,7 +249,7 @@ class GuardRuntime:
         await asyncio.sleep(self.catchup_delay)
         try:
             logged = await asyncio.to_thread(securitylog.read_since, self.security_log,
-                                             gap["from"] - CATCHUP_MARGIN)
+                                             gap["from"] - gap.pop("margin"))
         except OSError as exc:
             gap["error"] = f"cannot read {self.security_log}: {exc.strerror or exc}"
             log.warning("guard was away %.1f s and %s: events of that time are not counted",
@@ -289,6 +314,7 @@ class GuardRuntime:
             sweeper.cancel()
 
     async def close(self) -> None:
+        self._save_seen_until()
         if self.client is not None:
             await self.client.close()
         for t in list(self._catchups):
@@ -298,6 +324,7 @@ class GuardRuntime:
         while True:
             await asyncio.sleep(every)
             self.guard.sweep()
+            self._save_seen_until()
 
     def _seed_promoted(self) -> None:
         """Grants this guard made before a restart are still revocable by a failure."""
