@@ -27,6 +27,7 @@ EOL = b"\r\n"
 EOM = b"\r\n\r\n"
 # A peer that never closes a message must not make us buffer forever.
 MAX_MESSAGE = 256 * 1024
+MAX_BANNER = 1024
 
 Headers = tuple[tuple[str, str], ...]
 
@@ -91,11 +92,13 @@ class FrameParser:
     """Incremental AMI deframer: feed bytes as they arrive, get whole messages back.
 
     A partial message stays buffered until its closing empty line arrives; a
-    connection that dies mid-message leaves it here, never half-parsed.
+    connection that dies mid-message leaves it here, never half-parsed. What is
+    buffered is bounded (MAX_MESSAGE, MAX_BANNER), and each byte is searched for an
+    end once, so a peer that drips a huge message byte by byte costs linear time.
     """
 
     def __init__(self, *, expect_banner: bool = True) -> None:
-        self._buf = b""
+        self._buf = bytearray()
         self.banner: str | None = None
         self._want_banner = expect_banner
 
@@ -105,25 +108,33 @@ class FrameParser:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[Frame]:
-        buf = self._buf + data if self._buf else data
+        buf = self._buf
+        start = max(0, len(buf) - len(EOM) + 1)  # an end not seen before needs a new byte
+        buf += data
         if self._want_banner:
-            if len(buf) < len(BANNER_PREFIX) and BANNER_PREFIX.startswith(buf):
-                self._buf = buf
+            if len(buf) < len(BANNER_PREFIX) and BANNER_PREFIX.startswith(bytes(buf)):
                 return []
             if buf.startswith(BANNER_PREFIX):
                 end = buf.find(EOL)
                 if end < 0:
-                    self._buf = buf
+                    if len(buf) > MAX_BANNER:
+                        raise ValidationError(f"AMI banner longer than {MAX_BANNER} bytes without an end")
                     return []
                 self.banner = buf[:end].decode("utf-8", "replace")
-                buf = buf[end + 2:]
+                del buf[:end + 2]
             self._want_banner = False
-        parts = buf.split(EOM)
-        rest = parts.pop()
-        if len(rest) > MAX_MESSAGE:
+            start = 0
+        frames: list[Frame] = []
+        pos = 0
+        while (end := buf.find(EOM, max(pos, start))) >= 0:
+            if end > pos:
+                frames.append(parse_frame(bytes(buf[pos:end])))
+            pos = end + len(EOM)
+        if pos:
+            del buf[:pos]
+        if len(buf) > MAX_MESSAGE:
             raise ValidationError(f"AMI message longer than {MAX_MESSAGE} bytes without an end")
-        self._buf = rest
-        return [parse_frame(p) for p in parts if p]
+        return frames
 
 
 def parse_frame(raw: bytes) -> Frame:
@@ -170,7 +181,7 @@ def parse_endpoint(text: str) -> Endpoint:
     rest = parts[1:]
     transport: str | None = None
     port: int | None = None
-    if len(rest) >= 2 and rest[-1].isdigit():
+    if len(rest) >= 2 and rest[-1].isascii() and rest[-1].isdigit():  # not '²'
         port = int(rest.pop())
         if port > 65535:
             raise ValidationError(f"port out of range in {text!r}")
