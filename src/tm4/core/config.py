@@ -50,6 +50,10 @@ class AbsPath(str):
     """An absolute file system path."""
 
 
+class OptionalAbsPath(str):
+    """An absolute file system path, or "" for none."""
+
+
 class Word(str):
     """A non-empty name without spaces or control characters (user, group, endpoint)."""
 
@@ -159,7 +163,7 @@ class GuardConfig:
     max_sources: Annotated[int, msgspec.Meta(ge=1, le=100_000_000)] = 50_000  # sources remembered at once; the furthest from a ban go first
     # Asterisk's security log (logger.conf `security => security`): after an AMI gap the
     # guard catches up from it; "" turns the catch-up off.
-    security_log: str = "/var/log/asterisk/security"
+    security_log: OptionalAbsPath = "/var/log/asterisk/security"
 
 
 @dataclass
@@ -564,6 +568,7 @@ def _service_key(v: Any) -> str:
 _CHECKS: dict[type, Callable[[Any], Any]] = {
     Duration: _duration,
     AbsPath: _abs_path,
+    OptionalAbsPath: lambda v: _abs_path(v) if _text(v) else "",
     Word: _word,
     Line: _line,
     Host: _host,
