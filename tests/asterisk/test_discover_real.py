@@ -4,6 +4,7 @@ and the passwords those answers carry in clear never logged, printed or stored."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from pathlib import Path
@@ -12,8 +13,17 @@ import pytest
 from ami_discover_sim import AmiDiscoverSim, SimEndpoint
 from ami_replay_sim import ReplaySim
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from tm4.asterisk.discover_ami import discover_ami
+from tm4.asterisk.discover_ami import (
+    DiscoveryError,
+    EndpointInfo,
+    Registration,
+    discover_ami,
+    discovery_from_endpoints,
+    fetch_endpoints,
+)
 from tm4.cli import cli
 
 PASSWORDS = ("secret1001", "provasecret")  # AuthDetail Password: in the captured answers
@@ -77,3 +87,49 @@ def test_the_discovery_simulator_renders_real_shapes() -> None:
     with ReplaySim(["pjsip_show"], described_endpoints_only=True) as sim:
         real = discover_ami("127.0.0.1", sim.port, sim.username, sim.secret, timeout=5)
     assert made_up.to_json() == real.to_json()
+
+
+# -- hostile answers -------------------------------------------------------------------------
+
+_text = st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=80)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_text, _text, _text, _text), max_size=6))
+def test_any_values_give_trunks_with_valid_sources_or_notes(items: list[tuple[str, str, str, str]]) -> None:
+    from tm4.asterisk.discover import parse_host
+
+    eps = [EndpointInfo(f"ep{i}", matches=[(m, "AMI")], contacts=[(c, "AMI")], protocols=[p])
+           for i, (m, c, p, _) in enumerate(items)]
+    regs = [Registration(f"ep{i}", r) for i, (_, _, _, r) in enumerate(items)]
+    disc = discovery_from_endpoints(eps, regs)
+    for t in disc.trunks:
+        assert t.sources and t.services
+        for s in t.sources:
+            assert parse_host(s).source == s  # every source is one tm4 can store
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=600), st.sampled_from([b"", b"\r\n\r\n", b"\n", b"\r"]))
+def test_a_hostile_stream_ends_in_a_typed_error_or_an_answer(junk: bytes, tail: bytes) -> None:
+    async def main() -> None:
+        async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.write(b"Asterisk Call Manager/11.0.0\r\n")
+            await r.readuntil(b"\r\n\r\n")
+            w.write(b"Response: Success\r\nActionID: tm4-discover-1\r\nMessage: Authentication accepted\r\n\r\n")
+            await r.readuntil(b"\r\n\r\n")
+            w.write(b"Response: Success\r\nActionID: tm4-discover-2\r\nEventList: start\r\n\r\n" + junk + tail)
+            await w.drain()
+            w.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            await fetch_endpoints("127.0.0.1", port, "tm4", "x", timeout=0.5)
+        except DiscoveryError:
+            pass
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
