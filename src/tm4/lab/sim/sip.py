@@ -28,12 +28,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from typing import Any
 
 from tm4.firewall.netns import in_netns
 from tm4.lab.sim.ami import address, render_event
 
 REALM = "asterisk"
+SERVER = "Asterisk-lab"  # the first capture set's user_agent; real2's is Asterisk's default
 _AUTH_KV = re.compile(r'(\w+)=(?:"([^"]*)"|([^,\s]+))')
 _COMPACT = {"i": "call-id", "f": "from", "t": "to", "v": "via", "m": "contact", "l": "content-length"}
 
@@ -78,26 +80,29 @@ def digest_response(method: str, kv: dict[str, str], password: str) -> str:
     return md5(f"{ha1}:{kv.get('nonce', '')}:{ha2}")
 
 
-def sip_reply(h: dict[str, str], peer: Peer, status: str, extra: str = "") -> bytes:
-    """A response to the request with headers `h` from `peer`, as chan_pjsip words it."""
+def sip_reply(h: dict[str, str], peer: Peer, status: str, extra: str = "", server: str = SERVER) -> bytes:
+    """A response to the request with headers `h` from `peer`, as chan_pjsip words it
+    (tests/fixtures/asterisk-22/sip/*.msg.log, real2/sip/: the To tag is the request's
+    Via branch; tests/asterisk/test_sip_sim_replay.py checks)."""
     via = h.get("via", "")
     if via:
         first, sep, rest = via.replace(";rport", "", 1).partition(";")
         via = f"{first};rport={peer[1]};received={peer[0]}{sep}{rest}"
     to = h.get("to", "")
     if ";tag=" not in to:
-        to += f";tag=z9hG4bK-{os.getpid()}"
+        branch = re.search(r";branch=([^;,\s]+)", via)
+        to += f";tag={branch.group(1) if branch else f'z9hG4bK-{os.getpid()}'}"
     return (f"SIP/2.0 {status}\r\nVia: {via}\r\nCall-ID: {h.get('call-id', '')}\r\n"
             f"From: {h.get('from', '')}\r\nTo: {to}\r\nCSeq: {h.get('cseq', '')}\r\n"
-            f"{extra}Server: Asterisk-lab\r\nContent-Length:  0\r\n\r\n").encode()
+            f"{extra}Server: {server}\r\nContent-Length:  0\r\n\r\n").encode()
 
 
-def challenge(h: dict[str, str], peer: Peer) -> bytes:
+def challenge(h: dict[str, str], peer: Peer, server: str = SERVER) -> bytes:
     stamp = int(time.time())
     nonce = f"{stamp}/{md5(f'{stamp}{os.getpid()}')}"
     return sip_reply(h, peer, "401 Unauthorized",
                      f'WWW-Authenticate: Digest realm="{REALM}",nonce="{nonce}",'
-                     f'opaque="{os.urandom(8).hex()}",algorithm=MD5,qop="auth"\r\n')
+                     f'opaque="{os.urandom(8).hex()}",algorithm=MD5,qop="auth"\r\n', server)
 
 
 class ChanPjsip:
@@ -106,10 +111,26 @@ class ChanPjsip:
     count of what happened through the hooks."""
 
     def __init__(self, users: dict[str, str], local_ip: str, port: int,
-                 emit: Callable[[bytes], Any] | None):
+                 emit: Callable[[bytes], Any] | None, server: str = SERVER):
         self.users, self.local_ip, self.port, self.emit = users, local_ip, port, emit
+        self.server = server
+        # user -> contact URI -> when its binding expires (`now` of handle()), in the order bound
+        self.bindings: dict[str, dict[str, float]] = {}
         # (endpoint, source address) -> may it be that endpoint? None: no endpoint ACLs
         self.endpoint_acl: Callable[[str, str], bool] | None = None
+
+    def _bind(self, user: str, contact: str, expires: float, now: float) -> str:
+        """Bind `contact` for `expires` s; the Contact lines of the 200: every live binding of
+        the AOR, oldest first, with its remaining seconds (the new one: Expires - 1, as
+        captured in sip/a4_1001_ok and d_probe_*)."""
+        binds = self.bindings.setdefault(user, {})
+        for uri in [u for u, t in binds.items() if t <= now]:
+            del binds[uri]
+        if contact:
+            binds.pop(contact, None)
+            if expires > 0:
+                binds[contact] = now + expires
+        return "".join(f"Contact: {uri};expires={max(0, int(t - now) - 1)}\r\n" for uri, t in binds.items())
 
     # -- hooks ---------------------------------------------------------------------------
     def local_address(self, src: str) -> str:
@@ -138,9 +159,9 @@ class ChanPjsip:
         if method == "ACK":
             return None
         if method == "OPTIONS":
-            return sip_reply(h, peer, "200 OK")
+            return sip_reply(h, peer, "200 OK", server=self.server)
         if method not in ("REGISTER", "INVITE"):
-            return sip_reply(h, peer, "405 Method Not Allowed")
+            return sip_reply(h, peer, "405 Method Not Allowed", server=self.server)
         src = peer[0]
         user = from_user(h.get("from", ""))
         common = {"SessionID": h.get("call-id", ""), "LocalAddress": self.local_address(src),
@@ -159,20 +180,24 @@ class ChanPjsip:
                 self.digest_failed(method, h, peer, now, False)
                 self.event("ChallengeResponseFailed", AccountID="<unknown>", Challenge=kv.get("nonce", ""),
                            Response=kv.get("response", ""), ExpectedResponse="", **common)
-            return challenge(h, peer)
+            return challenge(h, peer, self.server)
         if not auth:
             self.event("ChallengeSent", AccountID=user if known else "<unknown>", Challenge="", **common)
-            return challenge(h, peer)
+            return challenge(h, peer, self.server)
         kv = digest_params(auth)
         if known and kv.get("response") == digest_response(method, kv, self.users[user]):
             self.event("SuccessfulAuth", AccountID=user, UsingPassword="1", **common)
             self.accepted(src)
-            return sip_reply(h, peer, "200 OK", f"Expires: {h.get('expires', '60')}\r\n")
+            expires = int(h.get("expires", "60")) if h.get("expires", "60").isdigit() else 60
+            return sip_reply(h, peer, "200 OK",
+                             f"Date: {formatdate(usegmt=True)}\r\n"
+                             + self._bind(user, h.get("contact", "").split(";", 1)[0], expires, now)
+                             + f"Expires: {expires}\r\n", self.server)
         self.digest_failed(method, h, peer, now, known)
         self.event("ChallengeResponseFailed", AccountID=user if known else "<unknown>",
                    Challenge=kv.get("nonce", ""), Response=kv.get("response", ""), ExpectedResponse="",
                    **common)
-        return challenge(h, peer)
+        return challenge(h, peer, self.server)
 
 
 # -- the lab's registrar and phone ---------------------------------------------------------
