@@ -146,6 +146,7 @@ class AmiClient:
         ping_interval: float = 5.0,
         ping_timeout: float = 3.0,
         connect_timeout: float = 3.0,
+        banner_timeout: float = 0.5,
         retry_min: float = 0.1,
         retry_max: float = 0.5,
         auth_retry_min: float = 10.0,
@@ -168,6 +169,8 @@ class AmiClient:
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.connect_timeout = connect_timeout
+        self.banner_timeout = banner_timeout
+        self._banner_wait = banner_timeout
         self.retry_min = retry_min
         self.retry_max = retry_max
         self.auth_retry_min = auth_retry_min
@@ -292,7 +295,15 @@ class AmiClient:
         if sock:
             with contextlib.suppress(ValueError):
                 self.local_address = normalise_address(ipaddress.ip_address(sock[0].split("%")[0]))
-        self.banner = await self._wait(proto.banner, self.connect_timeout, proto)
+        # Asterisk greets at once. A restarting one may accept a connection it never greets
+        # (seen with `core restart now`: 3 s lost); wait briefly, longer after each miss.
+        waited = self._banner_wait
+        try:
+            self.banner = await self._wait(proto.banner, waited, proto)
+        except TimeoutError:
+            self._banner_wait = min(waited * 2, max(self.banner_timeout, self.connect_timeout))
+            raise TimeoutError(f"no AMI banner within {waited:.1f} s") from None
+        self._banner_wait = self.banner_timeout
         login = Action({
             "Action": "Login",
             "ActionID": self._next_id("login"),
