@@ -159,8 +159,8 @@ class RestartSim:
                 # Shutdown (which reaches every session at its own time, _old_session_end)
                 keep = []
                 for m in ami_capture.messages(r.data):
-                    if m.startswith(b"Event: Shutdown"):
-                        continue
+                    if m.startswith((b"Event: Shutdown", b"Event: Registry")):
+                        continue  # to every session at its time: _old_session_end
                     if _is_security(m):
                         if own_auth:
                             continue
