@@ -161,3 +161,11 @@ def test_random_lines_always_get_a_json_answer_and_tm4d_stays_up(lab: Lab, tmp_p
         log = d.log()
         d.close()
     assert "Traceback" not in log and "control_op_failed" not in log and "control_client_failed" not in log, log
+
+
+def test_the_direct_fallback_checks_the_same_schema() -> None:
+    """`tm4` without tm4d runs the operation in-process: the same refusal, before the core."""
+    from tm4.ops.root import run_local
+
+    with pytest.raises(ValidationError, match="argument 'ttl' must be a number or a string or null"):
+        run_local(None, "allow", {"name": "x", "ttl": {"a": 1}})  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ from tm4.core.durations import parse_duration
 from tm4.core.errors import ApplyError, ConflictError, NotFoundError, ValidationError
 from tm4.core.model import Origin, format_time, utcnow
 from tm4.ops.engine import Core
+from tm4.ops.requests import check_args
 
 OpFunc = Callable[[Core, dict[str, Any]], Any]
 DISABLED_KEY = "disabled"  # store meta: set while `tm4 disable` is in force
@@ -214,4 +215,6 @@ def run_local(core: Core, op: str, args: dict[str, Any] | None = None,
     func = ROOT_OPS.get(op) or (more_ops or {}).get(op)
     if func is None:
         raise ValidationError(f"unknown operation {op!r}")
-    return func(core, dict(args or {}))
+    args = dict(args or {})
+    check_args(op, args)  # the schema tm4d checks too: both ways refuse alike
+    return func(core, args)
