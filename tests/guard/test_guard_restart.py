@@ -225,3 +225,29 @@ def test_a_restarted_guard_catches_up_from_where_the_last_one_stopped(tmp_path: 
     assert [second.decided[key_of(f)] for f in r["while_down"]] == [1, 1, 1, 1]
     assert all(key_of(f) not in second.decided for f in r["seen_live"])  # the first guard's
     assert second.gaps[-1]["recovered"] == 4
+
+
+def test_daemon_status_prints_the_ami_state_under_the_guard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tm4 daemon status` text: the guard's state (never `running` while logged out) and
+    its summary line, from the component JSON tm4d sends."""
+    from click.testing import CliRunner
+
+    import tm4.ops.control as control
+    from tm4.cli import cli
+
+    rt = CountingGuard(Core(parse_config({"state_dir": str(tmp_path), "ami": {"secret": "x"}}),
+                            backend=MemoryKernel(), protect=[]),  # type: ignore[arg-type]
+                       own=set())
+    comp = Component("guard", "tm4.guard.runtime", lambda d, m: asyncio.sleep(0), state="running",
+                     detail=rt.status)
+    st = {"pid": 1, "uptime": 5.0, "config": None, "safe_mode": {"active": False, "until": None},
+          "disabled": False, "components": {"guard": comp.to_json()},
+          "drift": {"repairs": 0, "last": None}, "other_firewalls": []}
+    monkeypatch.setattr(control, "request", lambda *a, **k: st)
+    cfg = tmp_path / "tm4.toml"
+    cfg.write_text(f'state_dir = "{tmp_path}"\n')
+    r = CliRunner().invoke(cli, ["--config", str(cfg), "daemon", "status"])
+    assert r.exit_code == 0, r.output
+    line = next(ln for ln in r.output.splitlines() if ln.strip().startswith("guard"))
+    assert "logged out" in line and "running" not in line
+    assert "AMI LOGGED OUT since start: not connected yet" in r.output
