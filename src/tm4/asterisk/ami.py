@@ -190,7 +190,8 @@ class AmiClient:
         self.transient_refusals = 0
         self.logged_in_since: float | None = None  # wall time of the current session's login
         self.logged_out_since: float | None = None  # wall time the last session ended
-        self.last_event_at: float | None = None  # clock() of the last frame received
+        self.last_frame_at: float | None = None  # clock() of the last message (answers too)
+        self.last_event_at: float | None = None  # clock() of the last event
         self.local_address: IPAddress | None = None
         self.banner: str | None = None
         self._protocol: _Protocol | None = None
@@ -378,8 +379,10 @@ class AmiClient:
 
     # -- incoming ------------------------------------------------------------------
     def _frame(self, proto: _Protocol, frame: Frame, now: float) -> None:
-        self.last_event_at = now
+        self.last_frame_at = now
         event = frame.event
+        if event is not None:
+            self.last_event_at = now
         if event is None or frame.has("ActionID"):
             msg = _message(frame)
             if msg.id is not None and msg.id in proto.responses:

@@ -222,7 +222,7 @@ class GuardRuntime:
         is noticed only when a Ping goes unanswered)."""
         self._hold_seen = bool(self.security_log)
         client, now = self.client, self.wall()
-        last = client.last_event_at if client is not None else None
+        last = client.last_frame_at if client is not None else None
         self._away_since = now if last is None else min(now, now - (self.clock() - last))
         self._away_margin = CATCHUP_MARGIN
 
