@@ -32,6 +32,7 @@ import msgspec
 from tm4.core.durations import parse_duration
 from tm4.core.errors import ConfigError, Tm4Error
 from tm4.core.services import Service, build_catalogue, parse_ports, resolve_services
+from tm4.core.text import escape_control
 
 DEFAULT_PATH = "/etc/tm4/tm4.toml"
 
@@ -329,7 +330,9 @@ class Bad(Exception):
     """One key's problem, before the file's name is put in front."""
 
     def __init__(self, where: str, problem: str):
-        super().__init__(f"{where}: {problem}" if where else problem)
+        # keys and section names come from the file: a control character in one must not
+        # split or overwrite the admin's one line
+        super().__init__(escape_control(f"{where}: {problem}" if where else problem))
 
 
 def _known_services(cfg: Config) -> None:
