@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tm4.daemon")
 
-READ_ONLY = {"entries", "entry", "bans", "log", "safe_mode", "status", "ping", "drift_check"}
+READ_ONLY = {"entries", "entry", "bans", "log", "safe_mode", "status", "ping", "drift_check", "quarantine"}
 
 
 def dialin_ops() -> dict[str, Callable[[Core, dict[str, Any]], Any]]:

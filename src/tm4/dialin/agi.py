@@ -500,7 +500,11 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 def _stderr_log() -> None:
-    """One line per event on stderr, which a classic AGI shares with Asterisk."""
+    """One line per event on stderr, which a classic AGI shares with Asterisk: caller ID
+    and AGI text are escaped, so they cannot forge a line in Asterisk's log."""
+    from tm4.core.text import install_log_escaping
+
+    install_log_escaping()
     if not log.handlers:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("tm4-dialin.agi[%(process)d]: %(message)s"))
