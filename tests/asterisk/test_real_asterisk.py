@@ -14,12 +14,15 @@ are client namespaces sending real SIP.
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,8 +30,12 @@ from pathlib import Path
 import pytest
 from conftest import need_root_tools, real_asterisk
 from daemon_support import Tm4d, wait_until
+from dialin_support import add_passcode
+from install_support import AsteriskUser
 from netlab import Host, Lab
 
+from tm4.daemon.deploy import AGI_NAME, render_launcher
+from tm4.daemon.shipped import AGI_SCRIPT, shipped_text
 from tm4.firewall.netns import in_netns
 from tm4.lab.asterisk import RealAsterisk
 from tm4.lab.sim.sip import SipPhone
@@ -44,22 +51,25 @@ class Pbx:
     """A real Asterisk and a real tm4d in one lab's PBX namespace, client namespaces around."""
 
     def __init__(self, tmp: Path, *, keys: list[str] | None = None, fastagi: str = "127.0.0.1:4573",
-                 extra: str = "") -> None:
+                 extra: str = "", ast_tmp: Path | None = None, run_as: tuple[str, str] | None = None,
+                 group: str = "tm4test-nogroup") -> None:
         self.binary = real_asterisk()
         need_root_tools("ip", "nft")
         self.lab = Lab("ra")
         self.tmp = tmp
         self.secret = secrets.token_hex(12)
-        self.d = Tm4d(tmp, self.lab.pbx.ns)
-        self.real = RealAsterisk(self.lab.pbx.ns, tmp, self.binary, moddir=None, tm4_user="tm4",
+        self.d = Tm4d(tmp, self.lab.pbx.ns, group=group)
+        self.real = RealAsterisk(self.lab.pbx.ns, ast_tmp or tmp, self.binary, moddir=None, tm4_user="tm4",
                                  tm4_secret=self.secret, socket_path=str(self.d.socket), fastagi=fastagi,
-                                 users={"1001": PASSWORD, "1002": "correct-horse-1002"}, keys=keys or [])
+                                 users={"1001": PASSWORD, "1002": "correct-horse-1002"}, keys=keys or [],
+                                 run_as=run_as)
         self.hosts: dict[str, Host] = {}
         self.extra = extra
         self.fastagi = fastagi
 
-    def start(self) -> Pbx:
-        self.real.write()
+    def start(self, write: bool = True) -> Pbx:
+        if write:
+            self.real.write()
         self.boot_s = self.real.start()
         etc = self.real.root / "etc"
         base = self.d.base.replace('fastagi = ""', f'fastagi = "{self.fastagi}"')
@@ -227,3 +237,95 @@ def test_asterisk_status_raises_no_request_not_allowed(pbx: Pbx) -> None:
     log = (p.real.root / "log" / "security").read_text(errors="replace")
     assert log.count('SecurityEvent="RequestNotAllowed"') == 1  # only the watcher's own check
     assert js  # and it still reports: file, include, what it cannot check without more privilege
+
+
+# -- dial-in with FastAGI down: the classic AGI fallback (issue 11) -----------------------------
+
+CODE = "48213977"
+TRAVELLER = "198.51.100.77"
+TYPED = "198*51*100*77"  # TRAVELLER on a keypad
+
+
+def fallback_call(p: Pbx) -> None:
+    """Alice's passcode, the traveller's address and 1, typed by a real call; FastAGI is down."""
+    add_passcode(p.d.core(), "alice", CODE)
+    traveller = p.client("traveller", TRAVELLER)
+    assert not traveller.tcp_probe(PBX, 5060), "sip-tcp open to the traveller before any grant"
+    listening = subprocess.run(["ip", "netns", "exec", p.lab.pbx.ns, "ss", "-Htln", "sport", "= :4573"],
+                               capture_output=True, text=True).stdout
+    assert not listening.strip(), f"something listens on 4573: {listening}"
+    m = p.mark()
+    done = p.real.dial_in()
+    agi = p.events(m, "AGIExecStart")
+    entry = p.d.call("entry", name="dialin-alice")
+    opened = wait_until(lambda: traveller.tcp_probe(PBX, 5060, timeout=0.2), 3)
+    log = p.real.log()
+    print(f"\nfallback call: {done}; entry {entry.get('name')} {entry.get('sources')} until "
+          f"{entry.get('expires')}; sip-tcp open for the traveller {opened} s after the hang-up")
+    assert "FastAGI failed" in log, "the dialplan never tried FastAGI (or it answered)"
+    assert "tm4 dial-in: granted" in log, "the classic AGI launcher never granted"
+    assert opened is not None, f"{TRAVELLER} still blocked after the call: {done}"
+    assert TRAVELLER in json.dumps(entry)
+    assert done["agi_commands"] > 0 and agi, "no AGI command ran: the launcher never spoke to Asterisk"
+
+
+def down_fastagi(p: Pbx) -> Pbx:
+    # tm4d serves no FastAGI; the dialplan still points at 127.0.0.1:4573, where nothing listens.
+    p.real.fastagi = "127.0.0.1:4573"
+    p.fastagi = ""
+    return p
+
+
+def test_fastagi_down_the_dialplan_falls_back_to_classic_agi_and_the_grant_happens(tmp_path: Path) -> None:
+    p = down_fastagi(Pbx(tmp_path, keys=[CODE + "#", TYPED + "#", "1"]))
+    try:
+        p.start()
+        fallback_call(p)
+    finally:
+        p.close()
+
+
+def user_python(base: Path) -> str:
+    """A venv of /usr/bin/python3 whose site-packages see this checkout and its dependencies."""
+    venv = base / "venv"
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)], check=True)
+    here = Path(__file__).resolve().parents[2]
+    deps = next((here / ".venv" / "lib").glob("python3*/site-packages"))
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    (site / "tm4_checkout.pth").write_text(f"{here / 'src'}\n{deps}\n")
+    return str(venv / "bin" / "python3")
+
+
+def test_the_fallback_works_with_asterisk_as_a_non_root_user_of_the_socket_group(tmp_path: Path) -> None:
+    """Asterisk -U/-G as a packaged one runs: the launcher it execs is that user, and reaches
+    tm4d's control socket only through the group tm4d gives the socket ([daemon] asterisk_group)."""
+    need_root_tools("useradd", "groupadd")
+    user = AsteriskUser("ra")
+    base = Path(tempfile.mkdtemp(prefix="tm4ra", dir="/tmp"))  # pytest's tmp is root-only
+    base.chmod(0o755)
+    p: Pbx | None = None
+    try:
+        p = down_fastagi(Pbx(tmp_path, keys=[CODE + "#", TYPED + "#", "1"], ast_tmp=base,
+                             run_as=(user.user, user.group), group=user.group))
+        p.real.write()
+        # This checkout's venv python lives under /root (0700 here): Asterisk's user could not
+        # exec it. A venv of the system python that sees this checkout stands in for the
+        # python an installed tm4 names (the wheel test in tests/install/ builds the real one).
+        py = user_python(base)
+        launcher = p.real.root / "agi-bin" / AGI_NAME
+        launcher.write_text(render_launcher(shipped_text(AGI_SCRIPT), py, str(p.d.socket)))
+        subprocess.run(["chown", "-R", f"{user.user}:{user.group}", str(p.real.root)], check=True)
+        p.start(write=False)
+        ps = subprocess.run(["ps", "-o", "user=", "-p", str(p.real.proc.pid)],  # type: ignore[union-attr]
+                            capture_output=True, text=True).stdout.strip()
+        sock = p.d.socket.stat()
+        print(f"\nAsterisk runs as {ps}; tm4d's socket group {grp.getgrgid(sock.st_gid).gr_name} "
+              f"mode {oct(sock.st_mode & 0o777)}")
+        assert ps == user.user
+        assert sock.st_gid == user.gid
+        fallback_call(p)
+    finally:
+        if p is not None:
+            p.close()
+        user.close()
+        shutil.rmtree(base, ignore_errors=True)

@@ -125,8 +125,10 @@ class RealAsterisk:
 
     def __init__(self, ns: str, tmp: Path, binary: str, *, moddir: str | None,
                  tm4_user: str, tm4_secret: str, socket_path: str, fastagi: str,
-                 users: dict[str, str], keys: list[str], key_gap: float = 2.0):
+                 users: dict[str, str], keys: list[str], key_gap: float = 2.0,
+                 run_as: tuple[str, str] | None = None):
         self.ns, self.binary, self.moddir = ns, binary, moddir
+        self.run_as = run_as  # (user, group) for Asterisk's -U/-G, as a packaged Asterisk runs
         self.root = tmp / "ast"
         self.conf = self.root / "etc" / "asterisk.conf"
         self.driver_secret = secrets.token_hex(16)
@@ -185,7 +187,10 @@ class RealAsterisk:
         and it reported FullyBooted."""
         out = open(self.log_path, "ab")  # noqa: SIM115 — the child owns it
         t = time.monotonic()
-        self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, self.binary, "-f", "-n", "-C", str(self.conf)],
+        argv = [self.binary, "-f", "-n", "-C", str(self.conf)]
+        if self.run_as is not None:
+            argv += ["-U", self.run_as[0], "-G", self.run_as[1]]
+        self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, *argv],
                                      stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True)
         out.close()
