@@ -93,7 +93,8 @@ class AmiDiscoverSim:
 
     def __enter__(self) -> AmiDiscoverSim:
         self._thread.start()
-        self._ready.wait(5)
+        if not self._ready.wait(30):  # a loaded machine may be slow; never hand out port 0
+            raise RuntimeError("the AMI simulator did not start")
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -91,7 +91,8 @@ class ReplaySim:
 
     def __enter__(self) -> ReplaySim:
         self._thread.start()
-        self._ready.wait(5)
+        if not self._ready.wait(30):  # a loaded machine may be slow; never hand out port 0
+            raise RuntimeError("the AMI simulator did not start")
         return self
 
     def __exit__(self, *exc: object) -> None:
