@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from tm4.cli.common import Ctx, pass_ctx
+from tm4.cli.common import Ctx, echo_line, pass_ctx
 
 
 def decision_json(d: Any, **extra: Any) -> dict[str, Any]:
@@ -71,7 +71,7 @@ async def _run(core: Any, dry_run: bool, as_json: bool) -> None:
             d = decision_json(rec.decision)
             what = d.get("address") or d.get("name")
             tail = f" ({rec.error})" if rec.error else ""
-            click.echo(f"{d['action']} {what} {d.get('ttl', '')} {d.get('reason', '')} [{ms} ms]{tail}")
+            echo_line(f"{d['action']} {what} {d.get('ttl', '')} {d.get('reason', '')} [{ms} ms]{tail}")
         sys.stdout.flush()
 
     rt = GuardRuntime(core, dry_run=dry_run, on_decision=report)
@@ -121,11 +121,11 @@ def replay(ctx: Ctx, capture: Path, as_json: bool) -> None:
                                    "remote": remote, "account": ev.account, "verdict": classify(ev).value,
                                    "decisions": [decision_json(d) for d in decisions]}))
         else:
-            click.echo(f"{t - t0:9.3f} {ev.type.value:24} {ev.service:6} {remote:32} {classify(ev).value}")
+            echo_line(f"{t - t0:9.3f} {ev.type.value:24} {ev.service:6} {remote:32} {classify(ev).value}")
             for d in decisions:
                 dj = decision_json(d)
-                click.echo(f"          -> {dj['action']} {dj.get('address') or dj.get('name')} "
-                           f"{dj.get('ttl', '')} {dj.get('reason', '')}")
+                echo_line(f"          -> {dj['action']} {dj.get('address') or dj.get('name')} "
+                          f"{dj.get('ttl', '')} {dj.get('reason', '')}")
     if not as_json:
         s = g.stats
         click.echo(f"{s.events} events, {s.failures} failures = {s.attempts} attempts "
