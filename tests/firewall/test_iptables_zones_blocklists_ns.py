@@ -84,6 +84,14 @@ def test_blocklist_drops_its_sources_never_a_whitelisted_one(lab: Lab, tmp_path:
     assert not attacker.udp_probe(PBX6, 5060, timeout=0.3)
     # The whitelist wins over the list for non-public services too, and nothing else gets in.
     assert not attacker.tcp_probe(PBX4, 22, timeout=0.2) and not other.tcp_probe(PBX4, 22, timeout=0.2)
+    # The list changes: a refresh loads the new addresses and lets the old ones go.
+    f.write_text("203.0.113.96/27\n")
+    bl_mod.refresh(core, ["voipbl"])
+    assert not other.udp_probe(PBX4, 5060, timeout=0.3)
+    assert attacker.udp_probe(PBX4, 5060, timeout=0.5) and attacker.udp_probe(PBX6, 5060, timeout=0.5)
+    f.write_text("203.0.113.64/28\n2001:db8::64/124\n")
+    bl_mod.refresh(core, ["voipbl"])
+    assert not attacker.udp_probe(PBX4, 5060, timeout=0.3) and other.udp_probe(PBX4, 5060, timeout=0.5)
     bl_mod.delete(core, "voipbl")
     assert attacker.udp_probe(PBX4, 5060, timeout=0.5) and attacker.udp_probe(PBX6, 5060, timeout=0.5)
     assert not [n for n in lab.pbx.run("ipset", "list", "-n").stdout.split() if "voipbl" in n]
