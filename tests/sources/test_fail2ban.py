@@ -218,8 +218,14 @@ def test_tm4d_component_writes_the_dropin_once_fail2ban_runs(tmp_path: Path, mon
     stopped = f2b_mod.Fail2ban(dropin=dropin, client=("false",))  # fail2ban-client fails: not running
     up = f2b_mod.Fail2ban(dropin=dropin, client=("echo", "pong"))  # answers ping, no jails
     current = [stopped]
-    mod = SimpleNamespace(**{k: getattr(f2b_mod, k) for k in ("ignore_list", "digest", "push")},
-                          Fail2ban=lambda: current[0], Debounce=lambda: f2b_mod.Debounce(settle=0.0))
+    settles: list[float] = []
+
+    def debounce(settle: float) -> f2b_mod.Debounce:
+        settles.append(settle)
+        return f2b_mod.Debounce(settle=0.0)
+
+    mod = SimpleNamespace(**{k: getattr(f2b_mod, k) for k in ("ignore_list", "digest", "push", "settle_seconds")},
+                          Fail2ban=SimpleNamespace(from_config=lambda cfg: current[0]), Debounce=debounce)
 
     async def run(seconds: float) -> None:
         task = asyncio.ensure_future(components._run_fail2ban(SimpleNamespace(core=core), mod))  # type: ignore[arg-type]
@@ -233,3 +239,4 @@ def test_tm4d_component_writes_the_dropin_once_fail2ban_runs(tmp_path: Path, mon
     current[0] = up
     asyncio.run(run(0.5))
     assert "203.0.113.70" in dropin.read_text()
+    assert settles == [5.0, 5.0]  # [fail2ban] debounce's default

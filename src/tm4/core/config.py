@@ -115,6 +115,14 @@ class ZoneKey(str):
     """A zone name ([zones.NAME], [interfaces] values): lower case letters, digits, '-', '_'."""
 
 
+class AutoBool(str):
+    """"auto", true or false (held as "auto", "true", "false")."""
+
+
+class JailName(str):
+    """A fail2ban jail's name, as in jail.conf's [sections]."""
+
+
 class IfName(str):
     """A network interface name as `ip link` shows it (at most 15 characters)."""
 
@@ -251,6 +259,18 @@ class SipAdmissionConfig:
 
 
 @dataclass
+class Fail2banConfig:
+    # keep fail2ban's ignore lists: true, false, or "auto" (when fail2ban is installed and
+    # tm4d guards the host, not a network namespace)
+    enabled: AutoBool = "auto"
+    jail_d: AbsPath = "/etc/fail2ban/jail.d"  # tm4 writes tm4-ignoreip.local here (read after jail.local)
+    # jails whose ignoreip is tm4's whitelist
+    jails: Annotated[list[JailName], msgspec.Meta(min_length=1, max_length=64)] = field(
+        default_factory=lambda: ["asterisk", "sshd"])
+    debounce: Duration = "5s"  # the whitelist still this long: one drop-in write and jail reload (1s-10m)
+
+
+@dataclass
 class ServiceTable:
     """[services.NAME]: a catalogue service's ports overridden, or a new service."""
 
@@ -280,6 +300,7 @@ SECTIONS: dict[str, Any] = {
     "daemon": DaemonConfig,
     "knock": KnockConfig,
     "sip_admission": SipAdmissionConfig,
+    "fail2ban": Fail2banConfig,
     "zones": dict[ZoneKey, ZoneTable],
     "interfaces": dict[IfName, ZoneKey],
 }
@@ -303,6 +324,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     knock: KnockConfig = field(default_factory=KnockConfig)
     sip_admission: SipAdmissionConfig = field(default_factory=SipAdmissionConfig)
+    fail2ban: Fail2banConfig = field(default_factory=Fail2banConfig)
     zones: dict[str, ZoneTable] = field(default_factory=dict)
     interfaces: dict[str, str] = field(default_factory=dict)  # interface name -> zone
     services: dict[str, Service] = field(default_factory=build_catalogue)
@@ -388,7 +410,15 @@ def _zones(cfg: Config) -> None:
             raise Bad(f"[interfaces] {iface}", f"no zone named {_shown(zone)} (zones: {', '.join(known)})")
 
 
-CHECKS: list[Callable[[Config], None]] = [_known_services, _refresh_bounds, _sip_admission, _zones]
+def _fail2ban(cfg: Config) -> None:
+    d = parse_duration(cfg.fail2ban.debounce)
+    if not timedelta(seconds=1) <= d <= timedelta(minutes=10):
+        raise Bad("[fail2ban] debounce", f"must be 1s to 10m, got {_shown(cfg.fail2ban.debounce)}")
+    if len(set(cfg.fail2ban.jails)) != len(cfg.fail2ban.jails):
+        raise Bad("[fail2ban] jails", f"names a jail twice, got {_shown(list(cfg.fail2ban.jails))}")
+
+
+CHECKS: list[Callable[[Config], None]] = [_known_services, _refresh_bounds, _sip_admission, _zones, _fail2ban]
 
 
 # -- the checks of the value types ----------------------------------------------------------
@@ -588,9 +618,20 @@ _CHECKS: dict[type, Callable[[Any], Any]] = {
     ServiceKey: _service_key,
     ZoneKey: lambda v: _pattern(v, r"[a-z][a-z0-9_-]{0,31}", "a zone name must be lower case letters, digits, "
                                 "'-' or '_'"),
+    AutoBool: lambda v: _auto_bool(v),
+    JailName: lambda v: _pattern(v, r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", "a jail name must be letters, digits, "
+                                 "'_', '.' or '-' (at most 64)"),
     IfName: lambda v: _pattern(v, r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,14}", "an interface name must be 1-15 "
                                "letters, digits, '_', '.', '@' or '-'"),
 }
+
+
+def _auto_bool(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v == "auto":
+        return v
+    raise ValueError(f'must be "auto", true or false, got {_shown(v)}')
 
 
 def _pattern(v: Any, pattern: str, what: str) -> str:

@@ -171,11 +171,10 @@ async def _run_blocklists(d: Daemon, mod: Any) -> None:
 
 
 def _fail2ban_wanted(cfg: Config) -> bool:
-    # The host's fail2ban belongs to a tm4 guarding the host, not to one that manages
-    # a network namespace (the lab, tests).
-    from tm4.sources.fail2ban import Fail2ban
+    # [fail2ban] enabled; "auto": installed, and tm4d guards the host, not a namespace.
+    from tm4.sources.fail2ban import wanted
 
-    return not cfg.firewall.netns and not _in_netns() and Fail2ban().installed()
+    return wanted(cfg, _in_netns())
 
 
 def _in_netns() -> bool:
@@ -190,7 +189,8 @@ async def _run_fail2ban(d: Daemon, mod: Any) -> None:
     # Debounced: one drop-in write and jail reload once the whitelist has been still.
     # Only while fail2ban runs (it reads the drop-in when it starts); stopped, it is
     # looked at again every 30 s.
-    f2b, settle, probe = mod.Fail2ban(), mod.Debounce(), 0.0
+    cfg = d.core.config
+    f2b, settle, probe = mod.Fail2ban.from_config(cfg), mod.Debounce(mod.settle_seconds(cfg)), 0.0
     while True:
         addrs = mod.ignore_list(d.core.entries(), d.core.clock())
         key, now = mod.digest(addrs), time.monotonic()
@@ -232,6 +232,6 @@ def default_components() -> list[Component]:
                   wanted=lambda cfg: cfg.knock.enabled and cfg.knock.activate),
         Component("blocklists", "tm4.sources.blocklists", _run_blocklists),
         Component("zones", "tm4.ops.zones", _run_zones, ("zones", "services")),
-        Component("fail2ban", "tm4.sources.fail2ban", _run_fail2ban,
+        Component("fail2ban", "tm4.sources.fail2ban", _run_fail2ban, ("fail2ban",),
                   wanted=_fail2ban_wanted),
     ]

@@ -9,6 +9,10 @@ their ignore lists are current.
 
 fail2ban reads jail.conf, jail.d/*.conf, jail.local, then jail.d/*.local: the drop-in
 is read last, so its `ignoreip` is what those jails use.
+
+`[fail2ban]` in tm4.toml: `enabled` ("auto": when fail2ban is installed and tm4d
+guards the host, not a network namespace), `jail_d` (where the drop-in goes), `jails`
+and `debounce` (how long the whitelist must be still before a reload).
 """
 
 from __future__ import annotations
@@ -27,12 +31,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tm4.core.config import Config
+from tm4.core.durations import parse_duration
 from tm4.core.model import Entry, net_text
 
 if TYPE_CHECKING:
     from tm4.ops.engine import Core
 
-DROPIN = Path("/etc/fail2ban/jail.d/tm4-ignoreip.local")
+DROPIN_NAME = "tm4-ignoreip.local"
+DROPIN = Path("/etc/fail2ban/jail.d") / DROPIN_NAME
 JAILS = ("asterisk", "sshd")
 # fail2ban's own default (commented out in jail.conf): the host itself stays ignored.
 ALWAYS = ("127.0.0.1/8", "::1")
@@ -113,6 +120,11 @@ class Fail2ban:
     client: Sequence[str] = ("fail2ban-client",)
     jails: Sequence[str] = JAILS
     timeout: float = 15.0
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Fail2ban:
+        f = cfg.fail2ban
+        return cls(dropin=Path(f.jail_d) / DROPIN_NAME, jails=tuple(f.jails))
 
     def installed(self) -> bool:
         return shutil.which(self.client[0]) is not None and self.dropin.parent.parent.is_dir()
@@ -214,6 +226,21 @@ def push(f2b: Fail2ban, addrs: Sequence[str], *, only_if_running: bool = False) 
     return res
 
 
+def wanted(cfg: Config, in_netns: bool) -> bool:
+    """Whether tm4d keeps fail2ban's ignore lists: `enabled` true, or "auto" and fail2ban
+    is installed and tm4d guards the host (`in_netns`: tm4d itself runs in a namespace)."""
+    enabled = cfg.fail2ban.enabled
+    if enabled != "auto":
+        return enabled == "true"
+    # The host's fail2ban belongs to a tm4 guarding the host, not to one that manages
+    # a network namespace (the lab, tests).
+    return not cfg.firewall.netns and not in_netns and Fail2ban.from_config(cfg).installed()
+
+
+def settle_seconds(cfg: Config) -> float:
+    return parse_duration(cfg.fail2ban.debounce).total_seconds()
+
+
 class Debounce:
     """Sync once the whitelist has been still for `settle` seconds: a burst of changes
     (a provider enabled, a DNS refresh) makes one reload, not one per entry."""
@@ -235,7 +262,11 @@ class Debounce:
 
 def status_lines(core: Core, f2b: Fail2ban | None = None) -> dict[str, str]:
     """For `tm4 status`: does fail2ban run, which jails, are their ignore lists current."""
-    f2b = f2b or Fail2ban()
+    if f2b is None and core.config.fail2ban.enabled == "false":
+        left = Fail2ban.from_config(core.config).dropin
+        tail = f"; tm4's old drop-in {left} is still there" if left.exists() else ""
+        return {"fail2ban": f"not managed ([fail2ban] enabled = false){tail}"}
+    f2b = f2b or Fail2ban.from_config(core.config)
     if not f2b.installed():
         return {"fail2ban": "not installed"}
     if not f2b.running():
