@@ -20,7 +20,6 @@ import os
 import secrets
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -38,8 +37,10 @@ from netlab import Host, Lab
 from tm4.daemon.deploy import AGI_NAME, render_launcher
 from tm4.daemon.shipped import AGI_SCRIPT, shipped_text
 from tm4.firewall.netns import in_netns
+from tm4.lab import sip_dtmf
 from tm4.lab.asterisk import RealAsterisk
 from tm4.lab.sim.sip import SipPhone
+from tm4.lab.sip_dtmf import call_with_keys
 
 pytestmark = pytest.mark.asterisk
 
@@ -335,129 +336,21 @@ def test_the_fallback_works_with_asterisk_as_a_non_root_user_of_the_socket_group
 # -- dial-in over a real SIP call: menu option 1, the caller's own address ----------------------
 
 CALLER = "198.51.100.20"
-DTMF_PCAPS = Path("/usr/share/sip-tester")  # Debian's sip-tester: RFC 2833 events, one key per file
-
-
-def sequenced_pcaps(keys: list[str], dest: Path) -> list[Path]:
-    """sip-tester's one-key pcaps, renumbered to play one after another in one RTP stream.
-
-    Each shipped file keeps the sequence numbers and timestamp of the capture it was cut
-    from (1 before 2 before #...), and SIPp sends them unchanged: played out of that order,
-    Asterisk drops the keys whose numbers went backwards (measured: of 48213977# it got
-    489#). Here key i gets sequence numbers and an event timestamp after key i-1's; the UDP
-    checksum is cleared (0: none, for IPv4) since the payload changed."""
-    names = {"#": "pound", "*": "star"}
-    out = []
-    seq, stamp = 1000, 160_000
-    for i, key in enumerate(keys):
-        data = bytearray((DTMF_PCAPS / f"dtmf_2833_{names.get(key, key)}.pcap").read_bytes())
-        assert struct.unpack_from("<I", data, 20)[0] == 1, "expected an Ethernet capture"
-        off = 24
-        last = None
-        while off < len(data):
-            incl = struct.unpack_from("<I", data, off + 8)[0]
-            pkt = off + 16
-            ihl = (data[pkt + 14] & 0x0F) * 4
-            udp = pkt + 14 + ihl
-            rtp = udp + 8
-            old_seq = struct.unpack_from("!H", data, rtp + 2)[0]
-            if last is not None and old_seq != last:
-                seq += 1  # the end packet is sent three times with one number: keep that
-            last = old_seq
-            struct.pack_into("!H", data, udp + 6, 0)
-            struct.pack_into("!HI", data, rtp + 2, seq, stamp)
-            off = pkt + incl
-        seq += 1
-        stamp += 16_000
-        path = dest / f"key{i:02d}.pcap"
-        path.write_bytes(bytes(data))
-        out.append(path)
-    return out
-
-
-def dtmf_call_scenario(keys: list[tuple[str, float]], dest: Path) -> str:
-    """A SIPp UAC: INVITE the anonymous endpoint (no auth), then after each pause play one
-    RFC 2833 key (sequenced_pcaps), then wait for Asterisk's BYE."""
-    plays = []
-    for (_, pause), pcap in zip(keys, sequenced_pcaps([k for k, _ in keys], dest), strict=True):
-        plays.append(f'  <pause milliseconds="{int(pause * 1000)}"/>\n'
-                     f'  <nop><action><exec play_pcap_audio="{pcap}"/></action></nop>\n')
-    return f"""<?xml version="1.0" encoding="ISO-8859-1" ?>
-<scenario name="tm4 dial-in with RFC 2833 keys">
-  <send retrans="500"><![CDATA[
-INVITE sip:s@[remote_ip]:[remote_port] SIP/2.0
-Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-From: <sip:traveller@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
-To: <sip:s@[remote_ip]:[remote_port]>
-Call-ID: [call_id]
-CSeq: 1 INVITE
-Contact: <sip:traveller@[local_ip]:[local_port]>
-Max-Forwards: 70
-Content-Type: application/sdp
-Content-Length: [len]
-
-v=0
-o=user1 53655765 2353687637 IN IP[local_ip_type] [local_ip]
-s=-
-c=IN IP[media_ip_type] [media_ip]
-t=0 0
-m=audio [media_port] RTP/AVP 0 101
-a=rtpmap:0 PCMU/8000
-a=rtpmap:101 telephone-event/8000
-a=fmtp:101 0-16
-a=sendrecv
-]]></send>
-  <recv response="100" optional="true"/>
-  <recv response="180" optional="true"/>
-  <recv response="183" optional="true"/>
-  <recv response="200" rrs="true"/>
-  <send><![CDATA[
-ACK [next_url] SIP/2.0
-Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-From: <sip:traveller@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
-[last_To:]
-Call-ID: [call_id]
-CSeq: 1 ACK
-Contact: <sip:traveller@[local_ip]:[local_port]>
-Max-Forwards: 70
-Content-Length: 0
-
-]]></send>
-{''.join(plays)}  <recv request="BYE" timeout="40000"/>
-  <send><![CDATA[
-SIP/2.0 200 OK
-[last_Via:]
-[last_From:]
-[last_To:]
-[last_Call-ID:]
-[last_CSeq:]
-Content-Length: 0
-
-]]></send>
-</scenario>
-"""
-
-
 def test_a_real_sip_call_with_rfc2833_keys_lets_in_the_callers_own_address(pbx: Pbx) -> None:
     """Menu option 1: the call comes straight from the caller's device (the anonymous
     endpoint, [dialin] direct_endpoints), so tm4 offers the address the call comes from."""
     need_root_tools("sipp")
-    if not (DTMF_PCAPS / "dtmf_2833_pound.pcap").is_file():
-        pytest.fail("needs Debian's sip-tester with its dtmf_2833_*.pcap")
+    if sip_dtmf.available():
+        pytest.fail(f"needs {sip_dtmf.available()}")
     p = pbx.start()
     add_passcode(p.d.core(), "alice", CODE)
     phone = p.client("phone", CALLER)
     assert not phone.tcp_probe(PBX, 5060), "sip-tcp open to the caller before any grant"
     # passcode then #, menu 1 (this address), confirm 1; each key while the prompt before it plays
     keys = [(CODE[0], 3.0), *[(k, 0.4) for k in CODE[1:]], ("#", 0.4), ("1", 2.0), ("1", 2.0)]
-    scen = p.tmp / "dialin_dtmf.xml"
-    scen.write_text(dtmf_call_scenario(keys, p.tmp))
     m = p.mark()
-    t0 = time.monotonic()
-    run = subprocess.run(["ip", "netns", "exec", phone.ns, "sipp", "-sf", str(scen), "-i", CALLER, "-mi", CALLER,
-                          "-mp", "16000", "-m", "1", "-timeout", "60s", "-timeout_error", "-nostdin", f"{PBX}:5060"],
-                         capture_output=True, text=True, timeout=90, cwd=p.tmp)
-    took = time.monotonic() - t0
+    run = call_with_keys(phone.ns, CALLER, PBX, keys, p.tmp)
+    took = run.seconds
     agi = [e.get("Command", "") for e in p.events(m, "AGIExecStart")]
     dtmf = "".join(e.get("Digit", "") for e in p.events(m, "DTMFEnd") if e.get("Direction") == "Received")
     print(f"\nSIPp exit {run.returncode} after {took:.1f} s; Asterisk received keys {dtmf!r}; AGI: {agi}")
@@ -467,4 +360,4 @@ def test_a_real_sip_call_with_rfc2833_keys_lets_in_the_callers_own_address(pbx: 
     assert any("tm4/menu" in c for c in agi), f"no menu: the call was not seen as direct ({agi})"
     assert CALLER in json.dumps(entry), entry
     assert opened is not None, f"{CALLER} still blocked after its own grant"
-    assert run.returncode == 0, run.stdout[-1500:] + run.stderr[-1500:]
+    assert run.returncode == 0, run.output
