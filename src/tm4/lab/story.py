@@ -16,11 +16,13 @@ import importlib
 import os
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
 
 from tm4.core.errors import Tm4Error
+from tm4.lab import sip_dtmf
 from tm4.lab.asterisk import RealAsterisk
 from tm4.lab.namespaces import (
     ATTACKER,
@@ -42,6 +44,7 @@ from tm4.lab.timeline import Step, StepFailed, Timeline
 SIP_USERS = {"1001": "secret1001", "1002": "secret1002"}
 PASSCODE = "246813"
 DIALIN_ADDRESS = "198*51*100*77"  # TRAVELLER as typed on a keypad
+ROAMING = "198.51.100.78"  # alice's next address: she calls from it, menu option 1
 SIPP_SCENARIO = register_scenario("REGISTER flood with a made-up user")
 
 
@@ -256,6 +259,31 @@ def _scenario(lab: Lab, tl: Timeline, asterisk: str | None, asterisk_modules: st
                 box["detail"] = (f"a FastAGI call (passcode, {DIALIN_ADDRESS}#, 1) let {TRAVELLER} in: entry "
                                  f"{entry['name']} until {entry['expires']}; the call took {call.seconds:.2f} s"
                                  f" (caller heard: {heard}); the first TCP connect after it succeeded")
+    if real is not None:  # a simulated Asterisk takes no SIP calls: no such step
+        with tl.step("dial-in-sip", [dialin_missing, sip_dtmf.available()]) as box:
+            if not box.get("skip"):
+                # alice roams again: her softphone calls the anonymous endpoint from a new address
+                subprocess.run(["ip", "-n", lab.ns["phone"], "addr", "add", f"{ROAMING}/24", "dev", "eth0"], check=True)
+                if lab.tcp_ok(ROAMING):
+                    raise StepFailed(f"{ROAMING} reaches sip-tcp before any grant")
+                keys = [(PASSCODE[0], 3.0), *[(k, 0.4) for k in PASSCODE[1:]], ("#", 0.4), ("1", 2.0), ("1", 2.0)]
+                start = len(real.events)
+                call = sip_dtmf.call_with_keys(lab.ns["phone"], ROAMING, "198.51.100.1", keys, lab.tmp)
+                new = [e for _, e in real.events[start:]]
+                typed = "".join(e.get("Digit", "") for e in new
+                                if e.get("Event") == "DTMFEnd" and e.get("Direction") == "Received")
+                menu = any("tm4/menu" in e.get("Command", "") for e in new if e.get("Event") == "AGIExecStart")
+                if _wait(lambda: lab.tcp_ok(ROAMING, timeout=0.2), 3) is None:
+                    raise StepFailed(f"{ROAMING} still blocked after its call (SIPp exit {call.returncode}, Asterisk got "
+                                     f"keys {typed!r}, menu offered: {menu}): {call.output[-300:]}")
+                if not menu:
+                    raise StepFailed("the call from the anonymous endpoint was not offered menu option 1")
+                if lab.tcp_ok(TRAVELLER):
+                    raise StepFailed(f"{TRAVELLER}, alice's previous dial-in address, is still open")
+                box["figures"] = {"call_s": call.seconds, "keys": typed}
+                box["detail"] = (f"a real SIP call from {ROAMING} to the anonymous endpoint (SIPp, RFC 2833 keys "
+                                 f"{typed}: passcode, menu 1 = this address, confirm) let {ROAMING} in and closed "
+                                 f"{TRAVELLER}; {call.seconds:.1f} s to hang-up")
     with tl.step("ddns", [dns_missing]) as box:
         if not box.get("skip"):
             if _wait(lambda: lab.tcp_ok(HOME_OLD), 10) is None:
