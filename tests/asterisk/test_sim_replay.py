@@ -159,12 +159,13 @@ KNOWN = {"login", "logoff", "command", "reload", "ping", "listcommands"} | {
 USERS = {"command_denied": ("system,security", "system"), "command_denied.observer": ("security", "")}
 
 
-@pytest.mark.parametrize("sim", sorted(SIMS))
-@pytest.mark.parametrize("capture", sorted(USERS))
+# amisim's users all read system,security (the guard's user): the observer's session
+# (read=security only) is not its kind, so that pair is not generated at all.
+@pytest.mark.parametrize(("capture", "sim"), [
+    (c, s) for c in sorted(USERS) for s in sorted(SIMS)
+    if not (s == "tests amisim" and c.endswith("observer"))])
 def test_command_denied_through_each_simulator(capture: str, sim: str) -> None:
     turns, login = real2_turns(capture)
-    if sim == "tests amisim" and capture.endswith("observer"):
-        pytest.skip("amisim's users all read system,security (the guard's user)")
     read, write = USERS[capture]
     with SIMS[sim](login["username"], login["secret"], read, write) as port:
         got = talk(port, turns)
