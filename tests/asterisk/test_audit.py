@@ -77,6 +77,7 @@ CASES: dict[str, tuple[dict[str, Any], set[str]]] = {
     "ami-broad-write": (SIP_PUBLIC, {"ami-broad-write"}),
     "rtp-range-mismatch": (SIP_PUBLIC, {"rtp-range-mismatch"}),
     "include-outside": (SIP_PUBLIC, {"include-outside"}),
+    "conf-adds-to-nothing": (SIP_PUBLIC, {"conf-adds-to-nothing", "endpoint-no-acl"}),
     "tm4-state": (RISKY_TM4, {"tm4-ssh-world", "tm4-public-service", "tm4-safe-mode-off",
                               "tm4-passcode-unused", "tm4-dns-stale"}),
     # the real Asterisk 22 configuration of the real2 captures, as it was

@@ -19,6 +19,7 @@ import ipaddress
 import json
 import logging
 import re
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -299,9 +300,9 @@ async def flush_pending(core: Core, *, timeout: float = 5.0) -> AclSync:
 async def sync_acl_async(core: Core, *, timeout: float = 5.0) -> AclSync:
     """Write the ACL if the whitelist changed it, then reload it in Asterisk. Does
     nothing until `tm4 asterisk install` created the file."""
+    prune_ties(core)  # even without acl_tm4.conf: the include may still be read by pjsip
     if not acl_path(core.config).exists():
         return AclSync(installed=False)
-    prune_ties(core)
     changed = write_acl(core)
     res = await flush_pending(core, timeout=timeout)
     res.changed = changed
@@ -330,10 +331,20 @@ class AclStatus:
     rendered_rules: list[str] = field(default_factory=list)
     # per endpoint ACL: {endpoint, acl, tied, rendered_rules, asterisk_rules, asterisk_current}
     endpoints: list[dict[str, Any]] = field(default_factory=list)
+    # endpoints pjsip_tm4_endpoints.conf adds to that pjsip.conf does not define before it
+    dangling: list[str] = field(default_factory=list)
+
+    @property
+    def dangling_warning(self) -> str:
+        if not self.dangling:
+            return ""
+        return (f"{ENDPOINTS_FILE} adds to endpoint(s) {', '.join(self.dangling)} that pjsip.conf does not "
+                "define before its #include: Asterisk refuses the whole of pjsip.conf at its next reload "
+                "(tm4d unties them within 30 s; `tm4 asterisk sync` now)")
 
     @property
     def ok(self) -> bool:
-        return (self.exists and self.current and bool(self.include) and not self.pending
+        return (self.exists and self.current and bool(self.include) and not self.pending and not self.dangling
                 and self.asterisk_current is not False
                 and all(e["asterisk_current"] is not False for e in self.endpoints if e["tied"]))
 
@@ -344,7 +355,8 @@ class AclStatus:
             "reload_pending": self.pending, "ami": self.ami,
             "asterisk_rules": self.asterisk_rules, "asterisk_current": self.asterisk_current,
             "asterisk_note": self.asterisk_note or None, "rendered_rules": self.rendered_rules,
-            "endpoints": self.endpoints, "ok": self.ok,
+            "endpoints": self.endpoints, "dangling_ties": self.dangling,
+            "dangling_warning": self.dangling_warning or None, "ok": self.ok,
         }
 
 
@@ -369,7 +381,8 @@ async def acl_status(core: Core, *, timeout: float = 5.0) -> AclStatus:
                    pending=reload_pending(core), rendered_rules=_fmt(want),
                    endpoints=[{"endpoint": ep, "acl": endpoint_acl_name(ep), "tied": ep in tied,
                                "rendered_rules": _fmt(rules), "asterisk_rules": None,
-                               "asterisk_current": None} for ep, rules in per_endpoint.items()])
+                               "asterisk_current": None} for ep, rules in per_endpoint.items()],
+                   dangling=dangling_ties(cfg))
     main = path.parent / "acl.conf"
     if main.exists():
         try:
@@ -447,16 +460,65 @@ def _pjsip_endpoints(config: Config) -> dict[str, str]:
     return {e.name: e.kind for e in pbx.endpoints}
 
 
+def ties_that_hold(config: Config, endpoints: Iterable[str]) -> set[str]:
+    """Of `endpoints`, those whose `[EP](+type=endpoint)` adds to an endpoint pjsip.conf
+    defines BEFORE tm4's #include: Asterisk refuses the whole of pjsip.conf for one that
+    adds to nothing, and an admin appending a phone after the include line is common.
+    pjsip.conf is read as Asterisk reads it, with the include holding exactly these ties
+    (appended at the end, as `tm4 asterisk install` puts it, when it is not there yet):
+    in a scratch directory of links to the real files, nothing real is touched."""
+    etc = Path(config.asterisk.config_dir)
+    want = sorted(set(endpoints))
+    main = etc / "pjsip.conf"
+    if not want or not main.is_file():
+        return set()
+    text = main.read_bytes().decode("utf-8", errors="replace")
+    text = text.replace(str(etc / ENDPOINTS_FILE), ENDPOINTS_FILE)  # the scratch copy, not the real one
+    if not parse_conf(text, "pjsip.conf").includes_file(ENDPOINTS_FILE, etc):
+        text += f'\n#include "{ENDPOINTS_FILE}"\n'
+    with tempfile.TemporaryDirectory(prefix="tm4-pjsip-") as tmp:
+        scratch = Path(tmp)
+        for child in etc.iterdir():
+            if child.name not in ("pjsip.conf", ENDPOINTS_FILE):
+                (scratch / child.name).symlink_to(child)
+        (scratch / "pjsip.conf").write_text(text, encoding="utf-8")
+        (scratch / ENDPOINTS_FILE).write_text(render_endpoint_ties(want), encoding="utf-8")
+        conf = read_full(scratch / "pjsip.conf", scratch)
+    # a (+) section that found nothing to add to is read as a section of its own
+    dangling = {s.name for s in conf.sections if s.where.startswith(f"{ENDPOINTS_FILE}:")}
+    return {ep for ep in want if ep not in dangling}
+
+
+def dangling_ties(config: Config) -> list[str]:
+    """Endpoints tm4's include adds to that pjsip.conf (as it is now, include where it is)
+    does not define before it: Asterisk refuses the whole of pjsip.conf for these."""
+    main = Path(config.asterisk.config_dir) / "pjsip.conf"
+    tied = tied_endpoints(config)
+    if not tied or not main.is_file():
+        return []
+    conf = read_full(main, main.parent)
+    return sorted({s.name for s in conf.sections if s.where.startswith(f"{ENDPOINTS_FILE}:")} & set(tied))
+
+
+AFTER_INCLUDE = (f"defined after tm4's #include \"{ENDPOINTS_FILE}\" in pjsip.conf: (+type=endpoint) only adds "
+                 "to an endpoint defined before it; move that #include line to the end of pjsip.conf")
+
+
 def endpoint_candidates(core: Core) -> list[EndpointCandidate]:
     """Each endpoint an entry or passcode names, and whether tm4 may tie it to its ACL:
-    only phones defined in pjsip.conf -- never trunks, never the anonymous endpoint."""
+    only phones defined in pjsip.conf before tm4's include -- never trunks, never the
+    anonymous endpoint."""
     kinds = _pjsip_endpoints(core.config)
     tied = set(tied_endpoints(core.config))
+    named = sorted(endpoints_named(core) | tied)
+    hold = ties_that_hold(core.config, [ep for ep in named if kinds.get(ep) in ("phone", "other")])
     out = []
-    for ep in sorted(endpoints_named(core) | tied):
+    for ep in named:
         kind = kinds.get(ep)
         if kind is None:
             why = "not a type=endpoint section of pjsip.conf (wizard endpoints are not supported)"
+        elif kind in ("phone", "other") and ep not in hold:
+            why = AFTER_INCLUDE
         elif kind == "trunk":
             why = "a trunk: providers are whitelisted by address, not by endpoint"
         elif kind == "anonymous":
@@ -511,22 +573,27 @@ def write_ties(core: Core, endpoints: Iterable[str]) -> EndpointTies:
 
 
 def prune_ties(core: Core) -> list[str]:
-    """Untie endpoints pjsip.conf no longer defines as phones: Asterisk refuses the whole
-    pjsip.conf when a `(+type=endpoint)` section adds to an endpoint that is gone."""
+    """Untie endpoints pjsip.conf no longer defines as phones before tm4's include:
+    Asterisk refuses the whole pjsip.conf when a `(+type=endpoint)` section adds to an
+    endpoint that is gone (or defined only after it). An unreadable pjsip.conf unties
+    everything: a lost ACL is better than a PBX whose phones cannot register."""
     tied = tied_endpoints(core.config)
     if not tied:
         return []
     try:
         kinds = _pjsip_endpoints(core.config)
-    except OSError:
-        return []
-    gone = [ep for ep in tied if kinds.get(ep) not in ("phone", "other")]
+        phones = [ep for ep in tied if kinds.get(ep) in ("phone", "other")]
+        hold = ties_that_hold(core.config, phones)
+    except (OSError, ValueError) as exc:
+        log.warning("event=pjsip_unreadable reason=%r", str(exc))
+        hold = set()
+    gone = [ep for ep in tied if ep not in hold]
     if gone:
-        keep = [ep for ep in tied if ep not in gone]
+        keep = [ep for ep in tied if ep in hold]
         path = endpoints_path(core.config)
         atomic_write(path, render_endpoint_ties(keep))
-        log.warning("event=endpoint_acl_untied endpoints=%s reason='no longer a phone in pjsip.conf'",
-                    ",".join(gone))
+        log.warning("event=endpoint_acl_untied endpoints=%s reason='not a phone pjsip.conf defines before "
+                    "tm4 include'", ",".join(gone))
     return gone
 
 

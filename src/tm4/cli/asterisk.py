@@ -73,6 +73,8 @@ def status(ctx: Ctx, as_json: bool) -> None:
             loaded = {True: "same as rendered", False: "DIFFERS", None: "unknown"}[ep["asterisk_current"]]
             click.echo(f"endpoint {ep['endpoint']}:   acl={ep['acl']} {'tied' if ep['tied'] else 'NOT tied'};"
                        f" Asterisk: {loaded}; rendered: {'; '.join(ep['rendered_rules'])}")
+        if st.dangling_warning:
+            click.echo(f"WARNING:         {st.dangling_warning}")
     if not st.ok:
         ctx_exit(1)
 

@@ -33,7 +33,7 @@ CHECK_IDS = (
     "sip-alwaysauthreject-off", "dialplan-wildcard-to-trunk", "dialplan-international",
     "trunk-no-call-limit", "ami-bind-public", "ami-permit-any", "ami-broad-write",
     "tm4-ssh-world", "tm4-public-service", "tm4-safe-mode-off", "tm4-passcode-unused",
-    "tm4-dns-stale", "rtp-range-mismatch", "include-outside",
+    "tm4-dns-stale", "rtp-range-mismatch", "include-outside", "conf-adds-to-nothing",
 )
 
 

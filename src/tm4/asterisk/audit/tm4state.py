@@ -97,6 +97,8 @@ def check_rtp(files: AsteriskFiles, state: Tm4State) -> list[Finding]:
 def check_includes(files: AsteriskFiles) -> list[Finding]:
     out = []
     for note in files.notes:
+        if "adds to a section that is not defined before it" in note:
+            out.append(_adds_to_nothing(note))
         if "refused, not read" not in note:
             continue
         where, _, text = note.partition(": ")
@@ -107,3 +109,19 @@ def check_includes(files: AsteriskFiles) -> list[Finding]:
             "Move the included file into the Asterisk configuration directory, or audit that directory too.",
         ))
     return out
+
+
+def _adds_to_nothing(note: str) -> Finding:
+    """`[1001](+type=endpoint)` with no [1001] endpoint before it: Asterisk rejects the file."""
+    where, _, text = note.partition(": ")
+    header = text.split(" adds to", 1)[0]
+    tm4s = where.startswith("pjsip_tm4_endpoints.conf:")
+    return make(
+        "conf-adds-to-nothing", "high", where, f"{header} adds to a section that does not exist before it",
+        f"{header} adds to a section of that name and type, but none is defined before it. Asterisk refuses "
+        "the whole file at its next reload or restart: for pjsip.conf every phone and trunk stops working.",
+        "Run `tm4 asterisk sync` (tm4 unties endpoints that are gone or defined after its #include), and keep "
+        "tm4's #include line last in pjsip.conf." if tm4s else
+        "Define the section before the line that adds to it, or remove the (+) section.",
+    )
+
