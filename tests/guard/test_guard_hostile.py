@@ -152,7 +152,22 @@ def bursts(draw: st.DrawFn) -> bytes:
     return b"".join(failure(host, base + i) for i in range(8))
 
 
-chunks = st.one_of(st.binary(max_size=400), forged_events(), bursts(),
+@st.composite
+def protocol_confusion(draw: st.DrawFn) -> bytes:
+    """Frames that look like answers to the client's own actions, or Asterisk going away."""
+    n = draw(st.integers(0, 60))
+    kind = draw(st.sampled_from(["ping", "login", "logoff", "action"]))
+    return draw(st.sampled_from([
+        f"Response: Success\r\nActionID: tm4-{kind}-{n}\r\nPing: Pong\r\n\r\n".encode(),
+        f"Response: Error\r\nActionID: tm4-{kind}-{n}\r\nMessage: Authentication failed\r\n\r\n".encode(),
+        f"Event: InvalidPassword\r\nActionID: tm4-{kind}-{n}\r\nService: AMI\r\n\r\n".encode(),
+        b"Response: Follows\r\nPrivilege: Command\r\n--END COMMAND--\r\n\r\n",
+        b"Event: Shutdown\r\nPrivilege: system,all\r\nShutdown: Cleanly\r\nRestart: True\r\n\r\n",
+        b"Asterisk Call Manager/11.0.0\r\n",
+    ]))
+
+
+chunks = st.one_of(st.binary(max_size=400), forged_events(), bursts(), protocol_confusion(),
                    st.sampled_from([b"\r", b"\n", b"\r\n", b"\x00\x1b[2J", "\u2028".encode(), b"\xff"]))
 
 
