@@ -8,11 +8,14 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
 from dialin_support import make_core
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tm4.asterisk.acl import (
     ACL_FILE,
@@ -20,6 +23,7 @@ from tm4.asterisk.acl import (
     acl_status,
     dangling_ties,
     endpoint_candidates,
+    render_endpoint_ties,
     sync_acl_async,
     tied_endpoints,
     ties_that_hold,
@@ -29,6 +33,7 @@ from tm4.asterisk.audit import audit, load_asterisk
 from tm4.asterisk.audit.inputs import Tm4State
 from tm4.asterisk.confparse import read_conf
 from tm4.cli import cli
+from tm4.core.config import parse_config
 from tm4.core.errors import ValidationError
 from tm4.ops.engine import Core
 
@@ -133,3 +138,30 @@ def test_status_and_audit_warn_while_the_include_adds_to_nothing(core: Core, tmp
     assert "Asterisk refuses the whole of pjsip.conf" in shown["dangling_warning"]
     res = invoke("asterisk", "status")
     assert "WARNING:" in res.output and "1002" in res.output
+
+
+PLACES = st.sampled_from(["before", "after", "absent", "auth-only"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.dictionaries(st.from_regex(r"[1-9][0-9]{2,4}", fullmatch=True), PLACES, min_size=1, max_size=6))
+def test_a_tie_holds_exactly_when_its_endpoint_is_defined_before_the_include(layout: dict[str, str]) -> None:
+    """Any arrangement of phones around tm4's include: only those defined before it hold,
+    and what is written from them reads back with no (+) adding to nothing."""
+    def phone(ep: str) -> str:
+        return f"[{ep}]\ntype = endpoint\nauth = {ep}\n\n[{ep}]\ntype = auth\nusername = {ep}\n"
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        before = "".join(phone(ep) if where == "before" else f"[{ep}]\ntype = auth\nusername = {ep}\n"
+                         if where == "auth-only" else "" for ep, where in layout.items())
+        after = "".join(phone(ep) for ep, where in layout.items() if where == "after")
+        (d / "pjsip.conf").write_text(f'{before}\n#include "{ENDPOINTS_FILE}"\n{after}')
+        cfg = parse_config({"asterisk": {"config_dir": tmp}})
+        want = {ep for ep, where in layout.items() if where == "before"}
+        assert ties_that_hold(cfg, layout) == want
+        (d / ENDPOINTS_FILE).write_text(render_endpoint_ties(sorted(want)))
+        assert not [n for n in read_conf(d / "pjsip.conf").notes if "adds to a section" in n]
+        assert dangling_ties(cfg) == []
+        (d / ENDPOINTS_FILE).write_text(render_endpoint_ties(sorted(layout)))
+        assert dangling_ties(cfg) == sorted(set(layout) - want)
