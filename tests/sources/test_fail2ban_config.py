@@ -99,3 +99,47 @@ def test_any_section_is_either_refused_in_one_line_or_renders_a_safe_dropin(sect
     assert 1.0 <= f2b_mod.settle_seconds(cfg) <= 600.0
     text = f2b_mod.render_dropin(["203.0.113.70"], f.jails)  # never raises for a jail the config let in
     assert text.count("ignoreip = ") == len(f.jails)
+
+
+def test_real_fail2ban_honours_the_configured_jails_only(tmp_path: Path) -> None:
+    """Debian's fail2ban with two jails on one log: tm4 manages only the jail [fail2ban]
+    jails names (pbx-sip); there a whitelisted phone is never banned, while the stock
+    asterisk jail, left to the admin, bans it like anyone."""
+    import dataclasses
+    import subprocess
+    import time
+
+    from conftest import need_root_tools
+    from netlab import wait_for
+    from test_fail2ban import F2bLab
+
+    need_root_tools("ip", "nft", "fail2ban-server", "fail2ban-client")
+    ns = f"tm4f2bc{int(time.time() * 1000) % 10**8}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    lab = F2bLab(tmp_path, ns)
+    try:
+        with (lab.conf / "jail.local").open("a") as f:
+            f.write(f"[pbx-sip]\nenabled = true\nfilter = asterisk\nlogpath = {lab.log}\nbackend = polling\n"
+                    "maxretry = 3\nfindtime = 600\nbantime = 600\n")
+        cfg = parse_config({"state_dir": str(tmp_path / "s"), "firewall": {"netns": ns},
+                            "fail2ban": {"enabled": True, "jail_d": str(lab.conf / "jail.d"), "jails": ["pbx-sip"],
+                                         "debounce": "2s"}})
+        assert f2b_mod.wanted(cfg, True)
+        f2b = dataclasses.replace(f2b_mod.Fail2ban.from_config(cfg), client=lab.client)
+        core = Core(cfg, protect=[])
+        core.allow("phone", ["203.0.113.70"], ["sip-udp"])
+        assert f2b_mod.sync(core, f2b).written
+        lab.start()
+        assert f2b_mod.status_lines(core, f2b)["fail2ban ignore lists"] == "current (pbx-sip)"
+
+        def banned(jail: str) -> str:
+            return subprocess.run([*lab.client, "status", jail], capture_output=True, text=True, timeout=10).stdout
+
+        lab.fail("203.0.113.70")
+        lab.fail("203.0.113.66")
+        assert wait_for(lambda: "203.0.113.66" in banned("pbx-sip") and "203.0.113.70" in banned("asterisk"),
+                        timeout=20), banned("pbx-sip") + banned("asterisk")
+        assert "203.0.113.70" not in banned("pbx-sip")
+    finally:
+        lab.stop()
+        subprocess.run(["ip", "netns", "del", ns], check=False)
