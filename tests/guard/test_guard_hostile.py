@@ -171,7 +171,7 @@ chunks = st.one_of(st.binary(max_size=400), forged_events(), bursts(), protocol_
                    st.sampled_from([b"\r", b"\n", b"\r\n", b"\x00\x1b[2J", "\u2028".encode(), b"\xff"]))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                  HealthCheck.too_slow])
 @given(st.lists(chunks, min_size=1, max_size=12))
 def test_hostile_streams_never_break_the_guard_nor_ban_what_cannot_be_a_source(rig: Rig,
