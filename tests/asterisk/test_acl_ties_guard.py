@@ -94,7 +94,7 @@ def test_the_sync_unties_an_endpoint_deleted_or_moved_after_the_include(core: Co
     st = asyncio.run(acl_status(core, timeout=0.2))
     assert st.dangling == ["1002"] and not st.ok and "1002" in st.dangling_warning
     res = asyncio.run(sync_acl_async(core, timeout=0.2))
-    assert res.installed
+    assert res.installed and res.untied == ["1002"] and res.to_json()["untied"] == ["1002"]
     assert tied_endpoints(core.config) == ["1001"] and not dangling_in_asterisks_reading(core)
     # 1001 is no endpoint any more (renamed); acl_tm4.conf gone too: the sync still unties it
     pjsip.write_text(pjsip.read_text().replace("[1001](phone-endpoint)", "[1001x](phone-endpoint)"))
@@ -138,6 +138,12 @@ def test_status_and_audit_warn_while_the_include_adds_to_nothing(core: Core, tmp
     assert "Asterisk refuses the whole of pjsip.conf" in shown["dangling_warning"]
     res = invoke("asterisk", "status")
     assert "WARNING:" in res.output and "1002" in res.output
+    res = invoke("asterisk", "sync")
+    assert res.output.startswith("untied endpoint(s) 1002: pjsip.conf no longer defines them"), res.output
+    assert tied_endpoints(core.config) == ["1001"]
+    res = invoke("asterisk", "status", "--json")
+    assert json.loads(res.output)["dangling_ties"] == []
+    assert "conf-adds-to-nothing" not in {f.id for f in audit(load_asterisk(etc(core)), Tm4State(now=core.clock()))}
 
 
 PLACES = st.sampled_from(["before", "after", "absent", "auth-only"])

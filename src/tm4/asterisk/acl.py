@@ -251,10 +251,11 @@ class AclSync:
     reloaded: bool = False
     pending: bool = False
     error: str = ""
+    untied: list[str] = field(default_factory=list)  # endpoints pjsip.conf no longer defines before the include
 
     def to_json(self) -> dict[str, Any]:
         return {"installed": self.installed, "changed": self.changed, "reloaded": self.reloaded,
-                "pending": self.pending, "error": self.error or None}
+                "pending": self.pending, "error": self.error or None, "untied": self.untied}
 
 
 def write_acl(core: Core) -> bool:
@@ -300,12 +301,13 @@ async def flush_pending(core: Core, *, timeout: float = 5.0) -> AclSync:
 async def sync_acl_async(core: Core, *, timeout: float = 5.0) -> AclSync:
     """Write the ACL if the whitelist changed it, then reload it in Asterisk. Does
     nothing until `tm4 asterisk install` created the file."""
-    prune_ties(core)  # even without acl_tm4.conf: the include may still be read by pjsip
+    untied = prune_ties(core)  # even without acl_tm4.conf: the include may still be read by pjsip
     if not acl_path(core.config).exists():
-        return AclSync(installed=False)
+        return AclSync(installed=False, untied=untied)
     changed = write_acl(core)
     res = await flush_pending(core, timeout=timeout)
     res.changed = changed
+    res.untied = untied
     return res
 
 
