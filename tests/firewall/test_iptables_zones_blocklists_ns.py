@@ -120,6 +120,13 @@ def test_zone_members_reach_exactly_the_zone_and_change_together(lab: Lab, tmp_p
         assert h.tcp_probe(dst, 80, timeout=0.5)
     assert c.udp_probe(PBX4, 5060, timeout=0.5)
     assert not c.tcp_probe(PBX4, 22, timeout=0.2)
+    # The built-in trusted zone: everything, for its members only.
+    d = lab.client("d", ["203.0.113.13/24", "2001:db8::13/64"])
+    core.allow("d", ["203.0.113.13", "2001:db8::13"], [], zone="trusted")
+    for dst in (PBX4, PBX6):
+        assert d.tcp_probe(dst, 22, timeout=0.5) and d.tcp_probe(dst, 80, timeout=0.5)
+        assert d.udp_probe(dst, 5060, timeout=0.5)
+    assert not c.tcp_probe(PBX4, 80, timeout=0.2)
 
 
 def plug_tunnel(lab: Lab, h: Host) -> None:
