@@ -160,8 +160,8 @@ _TIES_HEADER = """\
 ; entries that serve it (`tm4 add ... --endpoint NAME`, dial-in passcodes with
 ; --endpoint), through the named ACL tm4-<endpoint> in acl_tm4.conf.
 ; Written by `tm4 asterisk install` -- edits are overwritten. pjsip.conf includes
-; it at its END: (+type=endpoint) adds to an endpoint defined before it, and
-; Asterisk refuses the whole of pjsip.conf if that endpoint does not exist.
+; it at its END: (+type=endpoint) adds to an endpoint defined before it; Asterisk
+; ignores (with a WARNING) a section that adds to an endpoint not defined yet.
 """
 
 
@@ -341,7 +341,7 @@ class AclStatus:
         if not self.dangling:
             return ""
         return (f"{ENDPOINTS_FILE} adds to endpoint(s) {', '.join(self.dangling)} that pjsip.conf does not "
-                "define before its #include: Asterisk refuses the whole of pjsip.conf at its next reload "
+                "define before its #include: Asterisk ignores those sections, so the endpoint runs without its ACL "
                 "(tm4d unties them within 30 s; `tm4 asterisk sync` now)")
 
     @property
@@ -464,8 +464,9 @@ def _pjsip_endpoints(config: Config) -> dict[str, str]:
 
 def ties_that_hold(config: Config, endpoints: Iterable[str]) -> set[str]:
     """Of `endpoints`, those whose `[EP](+type=endpoint)` adds to an endpoint pjsip.conf
-    defines BEFORE tm4's #include: Asterisk refuses the whole of pjsip.conf for one that
-    adds to nothing, and an admin appending a phone after the include line is common.
+    defines BEFORE tm4's #include: Asterisk ignores (with a WARNING) one that adds to
+    nothing, leaving that endpoint without its ACL, and an admin appending a phone after
+    the include line is common.
     pjsip.conf is read as Asterisk reads it, with the include holding exactly these ties
     (appended at the end, as `tm4 asterisk install` puts it, when it is not there yet):
     in a scratch directory of links to the real files, nothing real is touched."""
@@ -493,7 +494,7 @@ def ties_that_hold(config: Config, endpoints: Iterable[str]) -> set[str]:
 
 def dangling_ties(config: Config) -> list[str]:
     """Endpoints tm4's include adds to that pjsip.conf (as it is now, include where it is)
-    does not define before it: Asterisk refuses the whole of pjsip.conf for these."""
+    does not define before it: Asterisk ignores these, so their ACL is not applied."""
     main = Path(config.asterisk.config_dir) / "pjsip.conf"
     tied = tied_endpoints(config)
     if not tied or not main.is_file():
@@ -576,9 +577,9 @@ def write_ties(core: Core, endpoints: Iterable[str]) -> EndpointTies:
 
 def prune_ties(core: Core) -> list[str]:
     """Untie endpoints pjsip.conf no longer defines as phones before tm4's include:
-    Asterisk refuses the whole pjsip.conf when a `(+type=endpoint)` section adds to an
-    endpoint that is gone (or defined only after it). An unreadable pjsip.conf unties
-    everything: a lost ACL is better than a PBX whose phones cannot register."""
+    Asterisk ignores a `(+type=endpoint)` section that adds to an endpoint that is gone
+    (or defined only after it), with a WARNING at every reload: the tie would only claim
+    a lock that is not there. An unreadable pjsip.conf unties everything."""
     tied = tied_endpoints(core.config)
     if not tied:
         return []

@@ -97,7 +97,7 @@ def sync(ctx: Ctx, as_json: bool) -> None:
         return
     if res.untied:
         click.echo(f"untied endpoint(s) {', '.join(res.untied)}: pjsip.conf no longer defines them before "
-                   "tm4's #include (Asterisk would refuse the whole of pjsip.conf)")
+                   "tm4's #include (Asterisk would ignore those ties)")
     if not res.installed:
         click.echo("the ACL is not installed (run `tm4 asterisk install`)")
         return

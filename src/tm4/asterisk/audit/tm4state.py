@@ -112,14 +112,15 @@ def check_includes(files: AsteriskFiles) -> list[Finding]:
 
 
 def _adds_to_nothing(note: str) -> Finding:
-    """`[1001](+type=endpoint)` with no [1001] endpoint before it: Asterisk rejects the file."""
+    """`[1001](+type=endpoint)` with no [1001] endpoint before it: Asterisk ignores it."""
     where, _, text = note.partition(": ")
     header = text.split(" adds to", 1)[0]
     tm4s = where.startswith("pjsip_tm4_endpoints.conf:")
     return make(
-        "conf-adds-to-nothing", "high", where, f"{header} adds to a section that does not exist before it",
-        f"{header} adds to a section of that name and type, but none is defined before it. Asterisk refuses "
-        "the whole file at its next reload or restart: for pjsip.conf every phone and trunk stops working.",
+        "conf-adds-to-nothing", "medium", where, f"{header} adds to a section that does not exist before it",
+        f"{header} adds to a section of that name and type, but none is defined before it. Asterisk ignores "
+        "it with a WARNING (checked on Asterisk 22.10.1): what it adds, an endpoint's ACL for instance, is "
+        "silently not applied, so that endpoint is not locked to its owner's addresses.",
         "Run `tm4 asterisk sync` (tm4 unties endpoints that are gone or defined after its #include), and keep "
         "tm4's #include line last in pjsip.conf." if tm4s else
         "Define the section before the line that adds to it, or remove the (+) section.",
