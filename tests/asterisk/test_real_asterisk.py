@@ -301,8 +301,9 @@ def user_python(base: Path) -> str:
 def test_the_fallback_works_with_asterisk_as_a_non_root_user_of_the_socket_group(tmp_path: Path) -> None:
     """Asterisk -U/-G as a packaged one runs: the launcher it execs is that user, and reaches
     tm4d's control socket only through the group tm4d gives the socket ([daemon] asterisk_group)."""
+    real_asterisk()  # skips before any user is made
     need_root_tools("useradd", "groupadd")
-    user = AsteriskUser("ra")
+    user = AsteriskUser()  # named after this process: concurrent runs never collide
     base = Path(tempfile.mkdtemp(prefix="tm4ra", dir="/tmp"))  # pytest's tmp is root-only
     base.chmod(0o755)
     p: Pbx | None = None

@@ -81,6 +81,10 @@ class AmiLink:
             data = await asyncio.wait_for(self.reader.read(READ_SIZE), self.timeout)
         except TimeoutError:
             raise DiscoveryError("AMI did not answer in time") from None
+        except ConnectionResetError:
+            # a peer that closes with our request unread resets instead of closing: the same
+            # dropped session for the admin
+            raise DiscoveryError("AMI closed the connection (reset)") from None
         except OSError as exc:
             raise DiscoveryError(f"AMI connection broke: {exc}") from None
         if not data:
