@@ -125,9 +125,12 @@ def test_a_hostile_stream_ends_in_a_typed_error_or_an_answer(junk: bytes, tail: 
         server = await asyncio.start_server(serve, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         try:
-            await fetch_endpoints("127.0.0.1", port, "tm4", "x", timeout=0.5)
-        except DiscoveryError:
-            pass
+            eps, regs, notes = await fetch_endpoints("127.0.0.1", port, "tm4", "x", timeout=0.5)
+        except DiscoveryError as exc:
+            assert "\n" not in str(exc)  # one line for the admin
+        else:  # an answer: only what the junk really described, every name a plain string
+            assert all(isinstance(e.name, str) and e.name for e in eps)
+            assert all(isinstance(n, str) for n in notes) and isinstance(regs, list)
         finally:
             server.close()
             await server.wait_closed()

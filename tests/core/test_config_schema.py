@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tm4.core import config as config_mod
+from tm4.core import schema
 from tm4.core.config import SECTIONS, Config, load_config, parse_config
 from tm4.core.durations import parse_duration
 from tm4.core.errors import ConfigError
@@ -65,15 +66,15 @@ def _usable(cfg: Config) -> None:
         for f in dataclasses.fields(tp):
             hint = typing.get_type_hints(tp, include_extras=True)[f.name]
             got = getattr(section, f.name)
-            base = config_mod._strip(hint)
+            base = schema._strip(hint)
             if base is config_mod.Duration:
                 parse_duration(got)
-            elif typing.get_origin(base) is list and config_mod._strip(typing.get_args(base)[0]) is config_mod.Duration:
+            elif typing.get_origin(base) is list and schema._strip(typing.get_args(base)[0]) is config_mod.Duration:
                 for d in got:
                     parse_duration(d)
             elif base is int:
                 assert isinstance(got, int) and not isinstance(got, bool)
-                lo, hi = config_mod._bounds(hint)
+                lo, hi = schema._bounds(hint)
                 assert (lo is None or got >= lo) and (hi is None or got <= hi)
     cfg.rtp_range()
     for svc in cfg.services.values():
