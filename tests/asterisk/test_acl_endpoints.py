@@ -25,21 +25,23 @@ from hypothesis import strategies as st
 
 from tm4.asterisk.acl import (
     ACL_FILE,
-    ENDPOINTS_FILE,
     acl_status,
     desired_rules,
-    endpoint_candidates,
     endpoint_rules,
     permits,
-    prune_ties,
     render_acl,
-    render_endpoint_ties,
     rules_in_conf,
-    tied_endpoints,
     write_acl,
     write_ties,
 )
 from tm4.asterisk.confparse import read_conf
+from tm4.asterisk.ties import (
+    ENDPOINTS_FILE,
+    endpoint_candidates,
+    prune_ties,
+    render_endpoint_ties,
+    tied_endpoints,
+)
 from tm4.cli import cli
 from tm4.core.errors import ValidationError
 from tm4.core.model import Entry, Source, validate_endpoint

@@ -23,7 +23,14 @@ from dialin_support import add_passcode
 from netlab import Lab, wait_for
 from sipsim import SipResponder, sipp_argv
 
-from tm4.asterisk.acl import ACL_FILE, endpoint_acl_name, tied_endpoints, write_ties
+from tm4.asterisk.acl import (
+    ACL_FILE,
+    write_ties,
+)
+from tm4.asterisk.ties import (
+    endpoint_acl_name,
+    tied_endpoints,
+)
 from tm4.core.config import parse_config
 from tm4.daemon.acl import AclFollower
 from tm4.dialin.ops import DIALIN_OPS

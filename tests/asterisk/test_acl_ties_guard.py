@@ -20,19 +20,21 @@ from hypothesis import strategies as st
 
 from tm4.asterisk.acl import (
     ACL_FILE,
-    ENDPOINTS_FILE,
     acl_status,
-    dangling_ties,
-    endpoint_candidates,
-    render_endpoint_ties,
     sync_acl_async,
-    tied_endpoints,
-    ties_that_hold,
     write_ties,
 )
 from tm4.asterisk.audit import audit, load_asterisk
 from tm4.asterisk.audit.inputs import Tm4State
 from tm4.asterisk.confparse import read_conf
+from tm4.asterisk.ties import (
+    ENDPOINTS_FILE,
+    dangling_ties,
+    endpoint_candidates,
+    render_endpoint_ties,
+    tied_endpoints,
+    ties_that_hold,
+)
 from tm4.cli import cli
 from tm4.core.config import parse_config
 from tm4.core.errors import ValidationError

@@ -1,4 +1,4 @@
-"""What tm4's endpoint-ACL guard (tm4.asterisk.acl ties_that_hold, prune_ties) is about,
+"""What tm4's endpoint-ACL guard (tm4.asterisk.ties: ties_that_hold, prune_ties) is about,
 shown on a real Asterisk: a `[NAME](+type=endpoint)` that adds to an endpoint pjsip.conf
 does not define before it is ignored with a WARNING. The rest of pjsip.conf loads (no
 outage), but what the section adds, the endpoint's ACL, is silently not there: tm4 must

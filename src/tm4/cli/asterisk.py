@@ -7,8 +7,15 @@ from typing import Any
 
 import click
 
-from tm4.asterisk.acl import acl_status, render_acl, sync_acl_async, tied_endpoints
+from tm4.asterisk.acl import (
+    acl_status,
+    render_acl,
+    sync_acl_async,
+)
 from tm4.asterisk.install import install_async
+from tm4.asterisk.ties import (
+    tied_endpoints,
+)
 from tm4.cli.common import Ctx, echo_json, json_option, pass_ctx
 from tm4.core.config import config_path
 
