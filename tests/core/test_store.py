@@ -12,8 +12,9 @@ from fakes import MemoryKernel
 
 from tm4.core.config import parse_config
 from tm4.core.errors import ConflictError, StoreError
+from tm4.core.migrations import MIGRATIONS, SCHEMA_VERSION
 from tm4.core.model import Origin
-from tm4.core.store import MIGRATIONS, SCHEMA_VERSION, Store
+from tm4.core.store import Store
 from tm4.ops.engine import Core
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"

@@ -1,4 +1,4 @@
-"""The dial-in tables of the store (migration 3 in tm4.core.store): passcodes, and failed tries.
+"""The dial-in tables of the store (migration 3 in tm4.core.migrations): passcodes, and failed tries.
 
 Functions of a Store: tm4.dialin.passcodes keeps the passcodes here, tm4.dialin.limits the
 failed tries. Every write runs in the store's transaction.
